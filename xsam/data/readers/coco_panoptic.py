@@ -1,0 +1,139 @@
+"""COCO panoptic format: `panoptic_{split}.json` + one RGB PNG per image, id = R + 256 G + 256^2 B.
+
+Also reads ADE20K-150 panoptic (same format) and, with `merge_by_category`, gives the semantic
+view of a panoptic source (one segment per category present, crowd included).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from xsam.data import masks
+from xsam.data.errors import SampleError, SourceError
+from xsam.data.images import decode_rgb
+from xsam.data.readers.base import Plan, Reader, WorkItem
+from xsam.data.registry import SplitSpec
+from xsam.data.schema import Sample, Segment
+
+
+class PanopticSplit(SplitSpec):
+    annotations: str  # panoptic JSON
+    images: str  # folder of the RGB images
+    masks: str  # folder of the panoptic PNGs
+
+
+class PanopticOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_by_category: bool = False  # semantic view: one segment per category
+
+
+class _Category(BaseModel):
+    id: int
+    name: str
+    isthing: int = Field(ge=0, le=1)
+
+
+class _SegmentInfo(BaseModel):
+    id: int = Field(gt=0)
+    category_id: int
+    iscrowd: int = Field(default=0, ge=0, le=1)
+    bbox: tuple[float, float, float, float] | None = None
+    area: int | None = None
+
+
+class _Annotation(BaseModel):
+    image_id: int | str
+    file_name: str
+    segments_info: list[_SegmentInfo]
+
+
+class _Image(BaseModel):
+    id: int | str
+    file_name: str
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class CocoPanopticReader(Reader):
+    format = "coco_panoptic"
+    version = 1
+    Split = PanopticSplit
+    Options = PanopticOptions
+
+    def plan(self) -> Plan:
+        file = self.path(self.spec.annotations)
+        data = self.load_json(self.spec.annotations)
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data, dict) or not isinstance(data.get(key), list):
+                raise SourceError(f"missing list {key!r}", file=file, field=key)
+        categories = []
+        for i, c in enumerate(data["categories"]):
+            cat = self.validate(_Category, c, f"categories.{i}", file)
+            categories.append({"id": cat.id, "name": cat.name, "isthing": cat.isthing})
+        known = {c["id"] for c in categories}
+        images = {}
+        for raw in data["images"]:
+            if isinstance(raw, dict) and "id" in raw:
+                images[str(raw["id"])] = raw
+        plan = Plan(items=[], categories=categories, source_files=[file])
+        for i, raw in enumerate(data["annotations"]):
+            source_id = str(raw.get("image_id")) if isinstance(raw, dict) else f"annotations[{i}]"
+            try:
+                ann = self.validate(_Annotation, raw, f"annotations.{i}", file)
+                if source_id not in images:
+                    raise SampleError(f"image_id {source_id} has no entry in images", field=f"annotations.{i}.image_id",
+                                      file=file)
+                img = self.validate(_Image, images[source_id], f"images[id={source_id}]", file)
+                for j, s in enumerate(ann.segments_info):
+                    if s.category_id not in known:
+                        raise SampleError(f"unknown category_id {s.category_id}",
+                                          field=f"annotations.{i}.segments_info.{j}.category_id", file=file)
+                ids = [s.id for s in ann.segments_info]
+                if len(set(ids)) != len(ids):
+                    raise SampleError("duplicate segment ids", field=f"annotations.{i}.segments_info", file=file)
+                image_loc = self.image_file(self.spec.images, img.file_name, f"images[id={source_id}].file_name", file)
+                png_loc = self.image_file(self.spec.masks, ann.file_name, f"annotations.{i}.file_name", file)
+            except SampleError as e:
+                plan.quarantined.append(self.quarantine(source_id, e, file))
+                continue
+            payload = {"image_id": source_id, "file_name": img.file_name, "width": img.width, "height": img.height,
+                       "segments": [s.model_dump() for s in ann.segments_info]}
+            plan.items.append(self.item(source_id, [image_loc, png_loc], payload, self.spec.annotations))
+        return plan
+
+    def convert(self, item: WorkItem) -> tuple[bytes, Sample]:
+        p = item.payload
+        image_bytes, info = self.read_image(item.files[0], expect=(p["width"], p["height"]))
+        png_bytes = self.read_file(item.files[1], "panoptic PNG")
+        rgb = decode_rgb(png_bytes, file=item.files[1])
+        if rgb.shape[:2] != (p["height"], p["width"]):
+            raise SampleError(f"panoptic PNG is {rgb.shape[1]}x{rgb.shape[0]}, image is {p['width']}x{p['height']}",
+                              file=item.files[1])
+        ids = masks.panoptic_ids(rgb)
+        present = np.unique(ids)
+        declared = {s["id"] for s in p["segments"]}
+        orphans = [int(v) for v in present if v != 0 and v not in declared]
+        if orphans:
+            raise SampleError(f"panoptic PNG holds segment id(s) {orphans[:5]} with no segments_info entry",
+                              field="segments_info", file=item.files[1])
+        present_set = set(int(v) for v in present)
+        segments = []
+        if self.options.merge_by_category:
+            by_cat: dict[int, list[int]] = {}
+            for s in p["segments"]:
+                by_cat.setdefault(s["category_id"], []).append(s["id"])
+            groups = [(cat, cat, 0, seg_ids) for cat, seg_ids in sorted(by_cat.items())]
+        else:
+            groups = [(s["id"], s["category_id"], s["iscrowd"], [s["id"]]) for s in p["segments"]]
+        for seg_id, cat, crowd, members in groups:
+            missing = [m for m in members if m not in present_set]
+            if missing:
+                raise SampleError(f"segment id(s) {missing} have no pixels in the panoptic PNG",
+                                  field="segments_info", file=item.files[1])
+            binary = ids == members[0] if len(members) == 1 else np.isin(ids, members)
+            rle = masks.encode(binary)
+            area, bbox = masks.area_bbox(rle)
+            segments.append(Segment(id=seg_id, category_id=cat, iscrowd=crowd, bbox=tuple(bbox), area=area, mask=rle))
+        image = self.image_info(p["image_id"], p["file_name"], info)
+        return image_bytes, self.sample(item, image, segments=segments)
