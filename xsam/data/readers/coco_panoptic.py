@@ -15,6 +15,7 @@ from xsam.data.images import decode_rgb
 from xsam.data.readers.base import Plan, Reader, WorkItem
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import Sample, Segment
+from xsam.data.text import clean_text
 
 
 class PanopticSplit(SplitSpec):
@@ -69,7 +70,11 @@ class CocoPanopticReader(Reader):
                 raise SourceError(f"missing list {key!r}", file=file, field=key)
         categories = []
         for i, c in enumerate(data["categories"]):
-            cat = self.validate(_Category, c, f"categories.{i}", file)
+            try:
+                cat = self.validate(_Category, c, f"categories.{i}", file)
+                clean_text(cat.name, f"categories.{i}.name", file)
+            except SampleError as e:  # a broken label space breaks every sample: fail the source
+                raise SourceError(e.reason, file=file, field=e.field) from e
             categories.append({"id": cat.id, "name": cat.name, "isthing": cat.isthing})
         known = {c["id"] for c in categories}
         images = {}
@@ -85,6 +90,8 @@ class CocoPanopticReader(Reader):
                     raise SampleError(f"image_id {source_id} has no entry in images", field=f"annotations.{i}.image_id",
                                       file=file)
                 img = self.validate(_Image, images[source_id], f"images[id={source_id}]", file)
+                clean_text(img.file_name, f"images[id={source_id}].file_name", file)
+                clean_text(ann.file_name, f"annotations.{i}.file_name", file)
                 for j, s in enumerate(ann.segments_info):
                     if s.category_id not in known:
                         raise SampleError(f"unknown category_id {s.category_id}",
