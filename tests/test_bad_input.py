@@ -101,7 +101,7 @@ def test_segment_without_pixels(fx):
     ann = doc["annotations"][4]
     ann["segments_info"].append({"id": 12345, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1})
     _save(root, doc)
-    _check_one_quarantined(tmp, entries, ann["image_id"], "have no pixels", "segments_info")
+    _check_one_quarantined(tmp, entries, ann["image_id"], "has no pixels", "segments_info")
 
 
 @pytest.mark.parametrize("mutate,field,reason", [

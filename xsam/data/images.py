@@ -86,7 +86,7 @@ def decode_rgb(data: bytes, *, file: str) -> np.ndarray:
     """Decode to (H, W, 3) uint8, raising SampleError for corrupt data."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except Exception as e:
         raise SampleError(f"corrupt image data: {e}", file=file) from e
 
