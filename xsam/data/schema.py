@@ -190,6 +190,6 @@ def sample_key(dataset: str, split: str, source_id: str) -> str:
     """
     h = hashlib.blake2b(digest_size=12)
     for part in (dataset, split, source_id):
-        h.update(part.encode("utf-8"))
+        h.update(part.encode("utf-8", errors="surrogatepass"))  # ids with broken bytes still get a key
         h.update(b"\x1f")
     return h.hexdigest()

@@ -153,4 +153,5 @@ def iter_tar(location: str) -> Iterator[tuple[str, bytes, str, Sample]]:
 
 
 def json_line(obj: dict) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False)
+    """One JSONL line, ASCII-escaped so that lone surrogates from broken source text survive."""
+    return json.dumps(obj, sort_keys=True)
