@@ -111,6 +111,10 @@ def write_shard(spec: ShardSpec) -> ShardResult:
                 except SampleError as e:
                     quarantined.append(reader.quarantine(item.source_id, e, item.source_file))
                     continue
+                except SourceError as e:  # a per-sample annotation file (e.g. LabelMe JSON) is unreadable
+                    err = SampleError(e.reason, field=e.field, file=e.file)
+                    quarantined.append(reader.quarantine(item.source_id, err, item.source_file))
+                    continue
                 except (ValueError, TypeError, KeyError, IndexError) as e:
                     err = SampleError(f"malformed sample ({type(e).__name__}: {e})", file=item.files[0] if item.files else None)
                     quarantined.append(reader.quarantine(item.source_id, err, item.source_file))

@@ -12,7 +12,7 @@ def loads_json(data: bytes, file: str) -> Any:
     """Parse a JSON source. Invalid UTF-8 bytes survive as lone surrogates (so one bad record
     does not sink the file) and are caught per sample by `clean_text`; bad JSON fails the source."""
     try:
-        return json.loads(data.decode("utf-8", errors="surrogateescape"))
+        return json.loads(data.decode("utf-8-sig", errors="surrogateescape"))  # tolerate a BOM
     except json.JSONDecodeError as e:
         raise SourceError(f"not valid JSON: {e}", file=file) from e
 
