@@ -1,7 +1,37 @@
-"""Placeholder: being written. The Split fields below are fixed (the registry uses them)."""
+"""COCO instances format: one JSON of `images`, `annotations` and `categories` + an image folder.
 
-from xsam.data.readers.base import Reader
+    {"images": [{"id", "file_name", "width", "height", ...}],
+     "annotations": [{"id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd"}],
+     "categories": [{"id", "name", ...}]}
+
+`segmentation` is a list of polygons (flat [x0, y0, x1, y1, ...] lists), an uncompressed RLE
+({"size": [h, w], "counts": [int, ...]}, COCO's crowd regions) or a compressed RLE (counts as a
+string). Used for COCO instances (instance AP), ADE20K-150 instance and LVIS-like sources (LVIS
+image records carry only `coco_url`: the file name is then `<folder>/<name>` taken from it).
+
+Mapping to the unified `Sample`: one sample per image, with every annotation of the image as a
+`Segment` (id = annotation id, category_id, iscrowd, mask = the segmentation as compressed RLE at
+the image size, area / bbox = pixel count and box of that mask); images with no annotation are
+samples with no segments; `categories` [{id, name}] is the split's label space.
+
+Planning quarantines, per image: a malformed image entry, a malformed annotation (field named),
+an unknown category_id, duplicate annotation ids, and (as one record per missing image id)
+annotations whose image_id has no image entry. Converting quarantines an image whose size differs
+from its entry and any invalid polygon or RLE (field `annotations.<index>.segmentation...`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+from xsam.data import masks
+from xsam.data.errors import SampleError, SourceError
+from xsam.data.readers.base import Plan, Reader, WorkItem
 from xsam.data.registry import SplitSpec
+from xsam.data.schema import Sample, Segment
 
 
 class CocoInstancesSplit(SplitSpec):
@@ -9,6 +39,166 @@ class CocoInstancesSplit(SplitSpec):
     images: str  # image folder
 
 
+class _Category(BaseModel):
+    id: int
+    name: str
+
+
+class _Image(BaseModel):
+    id: int | str
+    file_name: str
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_name_from_coco_url(cls, data: Any) -> Any:
+        """LVIS image records have no file_name: use the last two parts of coco_url
+        (http://images.cocodataset.org/val2017/000000000139.jpg -> val2017/000000000139.jpg),
+        relative to the split's `images` folder (the COCO root), as detectron2's LVIS loader does."""
+        if isinstance(data, dict) and "file_name" not in data and isinstance(data.get("coco_url"), str):
+            parts = [p for p in data["coco_url"].split("/") if p]
+            if len(parts) >= 2:
+                data = {**data, "file_name": "/".join(parts[-2:])}
+        return data
+
+
+class _Annotation(BaseModel):
+    id: int
+    image_id: int | str
+    category_id: int
+    segmentation: list[Any] | dict[str, Any]
+    iscrowd: int = Field(default=0, ge=0, le=1)
+
+
+def _id_of(record: Any, key: str) -> str | None:
+    """str(record[key]) when record is a dict holding an int or str id there, else None."""
+    if not isinstance(record, dict):
+        return None
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    return str(value)
+
+
 class CocoInstancesReader(Reader):
     format = "coco_instances"
+    version = 1
     Split = CocoInstancesSplit
+
+    # -- planning --------------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        file = self.path(self.spec.annotations)
+        data = self.load_json(self.spec.annotations)
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data, dict) or not isinstance(data.get(key), list):
+                raise SourceError(f"missing list {key!r}", file=file, field=key)
+        plan = Plan(items=[], categories=self.parse_categories(data["categories"], file), source_files=[file])
+        known = {c["id"] for c in plan.categories}
+        images, refused = self._parse_images(data["images"], file, plan)
+        groups, errors, orphans = self._group_annotations(data["annotations"], images, refused, known, file)
+        for image_id, (first, count) in orphans.items():
+            reason = (f"{count} annotation(s) refer to image_id {image_id}, which has no entry in images"
+                      if not image_id.startswith("annotations[") else "annotation without a valid image_id")
+            err = SampleError(reason, field=f"annotations.{first}.image_id", file=file)
+            plan.quarantined.append(self.quarantine(image_id, err, file))
+        for source_id, (i, img) in images.items():
+            try:
+                if source_id in errors:
+                    raise errors[source_id]
+                location = self.image_file(self.spec.images, img.file_name, f"images.{i}.file_name", file)
+            except SampleError as e:
+                plan.quarantined.append(self.quarantine(source_id, e, file))
+                continue
+            payload = {"image_id": source_id, "file_name": img.file_name, "width": img.width, "height": img.height,
+                       "annotations": groups.get(source_id, [])}
+            plan.items.append(self.item(source_id, [location], payload, self.spec.annotations))
+        return plan
+
+    def parse_categories(self, records: list, file: str) -> list[dict]:
+        """The label space [{id, name}]; a malformed or repeated category fails the source."""
+        categories, seen = [], set()
+        for i, raw in enumerate(records):
+            try:
+                cat = self.validate(_Category, raw, f"categories.{i}", file)
+            except SampleError as e:
+                raise SourceError(e.reason, file=file, field=e.field) from e
+            if cat.id in seen:
+                raise SourceError(f"duplicate category id {cat.id}", file=file, field=f"categories.{i}.id")
+            seen.add(cat.id)
+            categories.append({"id": cat.id, "name": cat.name})
+        return categories
+
+    def _parse_images(self, records: list, file: str, plan: Plan) -> tuple[dict[str, tuple[int, _Image]], set[str]]:
+        """Valid image entries by id (in source order), and the ids of the refused ones.
+
+        A malformed entry is quarantined; ids held by several entries are refused on every one."""
+        counts = Counter(_id_of(raw, "id") for raw in records)
+        images: dict[str, tuple[int, _Image]] = {}
+        refused: set[str] = set()
+        for i, raw in enumerate(records):
+            source_id = _id_of(raw, "id")
+            try:
+                if source_id is not None and counts[source_id] > 1:
+                    raise SampleError(f"image id {source_id} is used by {counts[source_id]} image entries",
+                                      field=f"images.{i}.id", file=file)
+                img = self.validate(_Image, raw, f"images.{i}", file)
+            except SampleError as e:
+                plan.quarantined.append(self.quarantine(source_id or f"images[{i}]", e, file))
+                if source_id is not None:
+                    refused.add(source_id)
+                continue
+            images[source_id] = (i, img)
+        return images, refused
+
+    def _group_annotations(self, records: list, images: dict, refused: set[str], known: set[int], file: str
+                           ) -> tuple[dict[str, list[dict]], dict[str, SampleError], dict[str, tuple[int, int]]]:
+        """Annotations grouped by image id as plain payload dicts, the first error of each image,
+        and the ids of missing images that annotations point at: id -> (first index, count)."""
+        groups: dict[str, list[dict]] = {}
+        errors: dict[str, SampleError] = {}
+        orphans: dict[str, tuple[int, int]] = {}
+        for i, raw in enumerate(records):
+            image_id = _id_of(raw, "image_id")
+            if image_id in refused:
+                continue  # its image is quarantined already
+            if image_id is None or image_id not in images:
+                key = image_id if image_id is not None else f"annotations[{i}]"
+                first, count = orphans.get(key, (i, 0))
+                orphans[key] = (first, count + 1)
+                continue
+            if image_id in errors:
+                continue
+            try:
+                ann = self.validate(_Annotation, raw, f"annotations.{i}", file)
+                if ann.category_id not in known:
+                    raise SampleError(f"unknown category_id {ann.category_id}", field=f"annotations.{i}.category_id",
+                                      file=file)
+                group = groups.setdefault(image_id, [])
+                if any(a["id"] == ann.id for a in group):
+                    raise SampleError(f"annotation id {ann.id} appears twice in image {image_id}",
+                                      field=f"annotations.{i}.id", file=file)
+            except SampleError as e:
+                errors[image_id] = e
+                continue
+            group.append({"index": i, "id": ann.id, "category_id": ann.category_id, "iscrowd": ann.iscrowd,
+                          "segmentation": ann.segmentation})
+        return groups, errors, orphans
+
+    # -- conversion ------------------------------------------------------------------------------
+    def convert(self, item: WorkItem) -> tuple[bytes, Sample]:
+        p = item.payload
+        image_bytes, info = self.read_image(item.files[0], expect=(p["width"], p["height"]))
+        image = self.image_info(p["image_id"], p["file_name"], info)
+        return image_bytes, self.sample(item, image, segments=self.segments(p))
+
+    def segments(self, payload: dict) -> list[Segment]:
+        """The payload's annotations as Segments; an invalid polygon / RLE raises SampleError."""
+        out = []
+        for a in payload["annotations"]:
+            rle = masks.rle_from_source(a["segmentation"], payload["height"], payload["width"],
+                                        field=f"annotations.{a['index']}.segmentation")
+            area, bbox = masks.area_bbox(rle)
+            out.append(Segment(id=a["id"], category_id=a["category_id"], iscrowd=a["iscrowd"], bbox=tuple(bbox),
+                               area=area, mask=rle))
+        return out
