@@ -266,7 +266,7 @@ def convert(entries: list[RegistryEntry], data_root: str, output: str, executor:
             t0 = time.perf_counter()
             try:
                 job = prepare_split(entry, split, data_root, output, settings, max_samples, max_bytes, force)
-            except SourceError as e:
+            except (SourceError, SampleError) as e:  # the split's source cannot be planned at all
                 log(f"[convert] {entry.name}/{split}: FAILED: {e}")
                 outcomes.append(SplitOutcome(entry.name, split, "failed", error=str(e)))
                 continue  # only this split fails; the other splits and datasets go on

@@ -59,7 +59,6 @@ class Plan:
 class ConvertSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     full_decode: bool = False
-    seed: int = 1024
 
 
 class Reader:
