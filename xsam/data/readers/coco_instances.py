@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
 
 from xsam.data import masks
-from xsam.data.errors import SampleError, SourceError
+from xsam.data.errors import SampleError
 from xsam.data.readers.base import Plan, Reader, WorkItem
+from xsam.data.readers.coco_common import CocoAnnotation, CocoImage, parse_categories, require_lists
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import Sample, Segment
 
@@ -37,38 +37,6 @@ from xsam.data.schema import Sample, Segment
 class CocoInstancesSplit(SplitSpec):
     annotations: str  # COCO instances JSON (polygons, RLE, crowd)
     images: str  # image folder
-
-
-class _Category(BaseModel):
-    id: int
-    name: str
-
-
-class _Image(BaseModel):
-    id: int | str
-    file_name: str
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _file_name_from_coco_url(cls, data: Any) -> Any:
-        """LVIS image records have no file_name: use the last two parts of coco_url
-        (http://images.cocodataset.org/val2017/000000000139.jpg -> val2017/000000000139.jpg),
-        relative to the split's `images` folder (the COCO root), as detectron2's LVIS loader does."""
-        if isinstance(data, dict) and "file_name" not in data and isinstance(data.get("coco_url"), str):
-            parts = [p for p in data["coco_url"].split("/") if p]
-            if len(parts) >= 2:
-                data = {**data, "file_name": "/".join(parts[-2:])}
-        return data
-
-
-class _Annotation(BaseModel):
-    id: int
-    image_id: int | str
-    category_id: int
-    segmentation: list[Any] | dict[str, Any]
-    iscrowd: int = Field(default=0, ge=0, le=1)
 
 
 def _id_of(record: Any, key: str) -> str | None:
@@ -90,10 +58,8 @@ class CocoInstancesReader(Reader):
     def plan(self) -> Plan:
         file = self.path(self.spec.annotations)
         data = self.load_json(self.spec.annotations)
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data, dict) or not isinstance(data.get(key), list):
-                raise SourceError(f"missing list {key!r}", file=file, field=key)
-        plan = Plan(items=[], categories=self.parse_categories(data["categories"], file), source_files=[file])
+        require_lists(data, ("images", "annotations", "categories"), file)
+        plan = Plan(items=[], categories=parse_categories(self, data["categories"], file), source_files=[file])
         known = {c["id"] for c in plan.categories}
         images, refused = self._parse_images(data["images"], file, plan)
         groups, errors, orphans = self._group_annotations(data["annotations"], images, refused, known, file)
@@ -115,26 +81,12 @@ class CocoInstancesReader(Reader):
             plan.items.append(self.item(source_id, [location], payload, self.spec.annotations))
         return plan
 
-    def parse_categories(self, records: list, file: str) -> list[dict]:
-        """The label space [{id, name}]; a malformed or repeated category fails the source."""
-        categories, seen = [], set()
-        for i, raw in enumerate(records):
-            try:
-                cat = self.validate(_Category, raw, f"categories.{i}", file)
-            except SampleError as e:
-                raise SourceError(e.reason, file=file, field=e.field) from e
-            if cat.id in seen:
-                raise SourceError(f"duplicate category id {cat.id}", file=file, field=f"categories.{i}.id")
-            seen.add(cat.id)
-            categories.append({"id": cat.id, "name": cat.name})
-        return categories
-
-    def _parse_images(self, records: list, file: str, plan: Plan) -> tuple[dict[str, tuple[int, _Image]], set[str]]:
+    def _parse_images(self, records: list, file: str, plan: Plan) -> tuple[dict[str, tuple[int, CocoImage]], set[str]]:
         """Valid image entries by id (in source order), and the ids of the refused ones.
 
         A malformed entry is quarantined; ids held by several entries are refused on every one."""
         counts = Counter(_id_of(raw, "id") for raw in records)
-        images: dict[str, tuple[int, _Image]] = {}
+        images: dict[str, tuple[int, CocoImage]] = {}
         refused: set[str] = set()
         for i, raw in enumerate(records):
             source_id = _id_of(raw, "id")
@@ -142,7 +94,7 @@ class CocoInstancesReader(Reader):
                 if source_id is not None and counts[source_id] > 1:
                     raise SampleError(f"image id {source_id} is used by {counts[source_id]} image entries",
                                       field=f"images.{i}.id", file=file)
-                img = self.validate(_Image, raw, f"images.{i}", file)
+                img = self.validate(CocoImage, raw, f"images.{i}", file)
             except SampleError as e:
                 plan.quarantined.append(self.quarantine(source_id or f"images[{i}]", e, file))
                 if source_id is not None:
@@ -170,7 +122,7 @@ class CocoInstancesReader(Reader):
             if image_id in errors:
                 continue
             try:
-                ann = self.validate(_Annotation, raw, f"annotations.{i}", file)
+                ann = self.validate(CocoAnnotation, raw, f"annotations.{i}", file)
                 if ann.category_id not in known:
                     raise SampleError(f"unknown category_id {ann.category_id}", field=f"annotations.{i}.category_id",
                                       file=file)

@@ -13,6 +13,7 @@ from xsam.data import masks
 from xsam.data.errors import SampleError, SourceError
 from xsam.data.images import decode_rgb
 from xsam.data.readers.base import Plan, Reader, WorkItem
+from xsam.data.readers.coco_common import CocoImage, parse_categories, require_lists
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import Sample, Segment
 from xsam.data.text import clean_text
@@ -29,12 +30,6 @@ class PanopticOptions(BaseModel):
     merge_by_category: bool = False  # semantic view: one segment per category
 
 
-class _Category(BaseModel):
-    id: int
-    name: str
-    isthing: int = Field(ge=0, le=1)
-
-
 class _SegmentInfo(BaseModel):
     id: int = Field(gt=0)
     category_id: int
@@ -49,13 +44,6 @@ class _Annotation(BaseModel):
     segments_info: list[_SegmentInfo]
 
 
-class _Image(BaseModel):
-    id: int | str
-    file_name: str
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-
-
 class CocoPanopticReader(Reader):
     format = "coco_panoptic"
     version = 1
@@ -65,17 +53,10 @@ class CocoPanopticReader(Reader):
     def plan(self) -> Plan:
         file = self.path(self.spec.annotations)
         data = self.load_json(self.spec.annotations)
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data, dict) or not isinstance(data.get(key), list):
-                raise SourceError(f"missing list {key!r}", file=file, field=key)
-        categories = []
-        for i, c in enumerate(data["categories"]):
-            try:
-                cat = self.validate(_Category, c, f"categories.{i}", file)
-                clean_text(cat.name, f"categories.{i}.name", file)
-            except SampleError as e:  # a broken label space breaks every sample: fail the source
-                raise SourceError(e.reason, file=file, field=e.field) from e
-            categories.append({"id": cat.id, "name": cat.name, "isthing": cat.isthing})
+        require_lists(data, ("images", "annotations", "categories"), file)
+        categories = parse_categories(self, data["categories"], file)
+        if any("isthing" not in c for c in categories):
+            raise SourceError("every panoptic category needs isthing", file=file, field="categories")
         known = {c["id"] for c in categories}
         images = {}
         for raw in data["images"]:
@@ -89,7 +70,7 @@ class CocoPanopticReader(Reader):
                 if source_id not in images:
                     raise SampleError(f"image_id {source_id} has no entry in images", field=f"annotations.{i}.image_id",
                                       file=file)
-                img = self.validate(_Image, images[source_id], f"images[id={source_id}]", file)
+                img = self.validate(CocoImage, images[source_id], f"images[id={source_id}]", file)
                 clean_text(img.file_name, f"images[id={source_id}].file_name", file)
                 clean_text(ann.file_name, f"annotations.{i}.file_name", file)
                 for j, s in enumerate(ann.segments_info):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from xsam.data import masks, safe_pickle
 from xsam.data.errors import SampleError, SourceError
 from xsam.data.readers.base import Plan, Reader, WorkItem
+from xsam.data.readers.coco_common import CocoAnnotation, CocoImage, parse_categories, require_lists
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import ReferringExpression, Sample, Segment
 from xsam.data.text import clean_text, loads_json
@@ -47,45 +48,14 @@ class _Ref(BaseModel):
     no_target: bool = False
 
 
-class _Category(BaseModel):
-    id: int
-    name: str
-
-
-class _Image(BaseModel):
-    id: int | str
-    file_name: str
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-
-
-class _Annotation(BaseModel):
-    id: int
-    image_id: int | str
-    category_id: int
-    segmentation: list | dict
-    iscrowd: int = Field(default=0, ge=0, le=1)
-
-
 class _Instances:
-    """A COCO instances file indexed by image (annotations are validated only when used).
+    """A COCO instances file indexed by image; annotations are validated only for the images the
+    refs use (the coco_instances reader validates every image, which this format does not need)."""
 
-    A private helper: the coco_instances reader was a placeholder when this was written."""
-
-    def __init__(self, data: Any, file: str, validate):
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data, dict) or not isinstance(data.get(key), list):
-                raise SourceError(f"missing list {key!r}", file=file, field=key)
+    def __init__(self, data: Any, file: str, reader: Reader):
+        require_lists(data, ("images", "annotations", "categories"), file)
         self.file = file
-        self.categories = []
-        for i, raw in enumerate(data["categories"]):
-            try:
-                cat = validate(_Category, raw, f"categories.{i}", file)
-            except SampleError as e:  # the label space is shared by every sample: the source is bad
-                raise SourceError(e.reason, file=file, field=e.field) from e
-            if any(c["id"] == cat.id for c in self.categories):
-                raise SourceError(f"duplicate category id {cat.id}", file=file, field=f"categories.{i}.id")
-            self.categories.append({"id": cat.id, "name": cat.name})
+        self.categories = parse_categories(reader, data["categories"], file)
         self.category_ids = {c["id"] for c in self.categories}
         self.images = {str(raw["id"]): raw for raw in data["images"] if isinstance(raw, dict) and "id" in raw}
         self.by_image: dict[str, list[tuple[int, Any]]] = {}
@@ -127,7 +97,7 @@ class ReferReader(Reader):
     def plan(self) -> Plan:
         refs_file, inst_file = self.path(self.spec.refs), self.path(self.spec.instances)
         refs = self._load_refs()
-        inst = _Instances(self.load_json(self.spec.instances), inst_file, self.validate)
+        inst = _Instances(self.load_json(self.spec.instances), inst_file, self)
         plan = Plan(items=[], categories=inst.categories, source_files=[refs_file, inst_file])
         no_target = 0
         exprs: dict[str, list[tuple[int, str, list[str], list[int]]]] = {}  # image -> refs, in file order
@@ -170,11 +140,11 @@ class ReferReader(Reader):
         return plan
 
     def _item(self, source_id: str, refs_of_image: list, inst: _Instances) -> WorkItem:
-        img = self.validate(_Image, inst.images[source_id], f"images[id={source_id}]", inst.file)
+        img = self.validate(CocoImage, inst.images[source_id], f"images[id={source_id}]", inst.file)
         clean_text(img.file_name, f"images[id={source_id}].file_name", inst.file)
         anns = []
         for index, raw in inst.by_image.get(source_id, []):
-            ann = self.validate(_Annotation, raw, f"annotations.{index}", inst.file)
+            ann = self.validate(CocoAnnotation, raw, f"annotations.{index}", inst.file)
             if ann.category_id not in inst.category_ids:
                 raise SampleError(f"unknown category_id {ann.category_id}", field=f"annotations.{index}.category_id",
                                   file=inst.file)
