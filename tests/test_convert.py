@@ -150,3 +150,19 @@ def test_shard_failure_fails_its_split_only(fx):
     assert "disk full" in outcomes["fixture_coco_semantic"].error
     assert outcomes["fixture_coco_panoptic"].status == "converted"
     assert not (Path(out) / "fixture_coco_semantic" / "val" / "manifest.json").exists()
+
+
+def test_replaced_image_of_same_size_rebuilds_its_split(fx):
+    tmp, entries, data = fx
+    out = str(tmp / "out")
+    convert(entries, data, out, log=lambda _: None)
+    image = sorted((Path(data) / "coco_panoptic" / "images" / "train").iterdir())[0]
+    raw = bytearray(image.read_bytes())
+    raw[200] ^= 0xFF  # same size, other pixels
+    image.write_bytes(bytes(raw))
+    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
+    outcomes = {(o.dataset, o.split): o.status for o in convert(entries, data, out, log=lambda _: None)}
+    assert outcomes == {("fixture_coco_panoptic", "train"): "converted", ("fixture_coco_panoptic", "val"): "up-to-date",
+                        ("fixture_coco_semantic", "val"): "up-to-date"}
+    sample_bytes = {img for _, img, _ in read_split(out, "fixture_coco_panoptic", "train").values()}
+    assert bytes(raw) in sample_bytes

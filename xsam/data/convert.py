@@ -4,7 +4,7 @@ commit manifests. pipelines/convert.py passes an executor that runs the shard ta
 
 Idempotence and resume, per dataset split:
 - its fingerprint hashes the reader and schema versions, the registry entry, the conversion
-  settings and the whole plan (every record's annotations and the sizes of the files it reads);
+  settings and the whole plan (every record's annotations, the size and mtime of every file it reads);
 - manifest.json present with the same fingerprint -> nothing to do;
 - otherwise the old manifest is deleted first, then each shard whose commit record
   (_parts/<shard>.json) carries the same fingerprint is kept and the others are (re)written
@@ -148,7 +148,7 @@ def _fingerprint(entry: RegistryEntry, split: str, reader: Reader, plan: Plan, s
                          "max_bytes": max_bytes, "categories": plan.categories, "excluded": plan.excluded},
                         sort_keys=True, default=str).encode())
     for item in plan.items:
-        h.update(json.dumps([item.key, item.files, item.sizes, item.payload], sort_keys=True, default=str).encode())
+        h.update(json.dumps([item.key, item.files, item.stats, item.payload], sort_keys=True, default=str).encode())
     for q in plan.quarantined:
         h.update(json_line(q.to_dict()).encode())
     return h.hexdigest()
@@ -192,10 +192,10 @@ def prepare_split(entry: RegistryEntry, split: str, data_root: str, output: str,
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})[:3]
         raise SourceError(f"two records share a source id (keys {dupes})", file=reader.root)
-    sizes = storage.file_sizes([f for it in plan.items for f in it.files])
+    stats = storage.file_stats([f for it in plan.items for f in it.files])
     pos = 0
     for it in plan.items:
-        it.sizes = sizes[pos:pos + len(it.files)]
+        it.stats = stats[pos:pos + len(it.files)]
         pos += len(it.files)
     fp = _fingerprint(entry, split, reader, plan, settings, max_samples, max_bytes)
     directory = split_dir(output, entry.name, split)

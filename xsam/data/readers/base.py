@@ -32,18 +32,19 @@ from xsam.data.text import loads_json
 @dataclass
 class WorkItem:
     """One sample to build. `files` are the data files it reads besides the annotations
-    (image first); `sizes` their sizes at planning time (-1: missing), part of the fingerprint."""
+    (image first); `stats` their (size, mtime ns) at planning time ((-1, -1): missing), part of
+    the fingerprint, so an edited image or mask file rebuilds its split."""
 
     source_id: str
     key: str
     files: list[str]
     payload: dict[str, Any]
     source_file: str
-    sizes: list[int] = field(default_factory=list)
+    stats: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def est_bytes(self) -> int:
-        return sum(max(s, 0) for s in self.sizes) + 1024
+        return sum(max(size, 0) for size, _ in self.stats) + 1024
 
 
 @dataclass
