@@ -137,7 +137,7 @@ def tiny() -> XSAMConfig:
                       global_attn_indexes=(1, 3), connector_blocks=(2, 3, 4), projector_block=3),
         llm=LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, max_position_embeddings=512),
-        decoder=DecoderConfig(connector_dim=32, hidden_dim=32, num_queries=8, dec_layers=3, nheads=2,
+        decoder=DecoderConfig(connector_dim=32, hidden_dim=32, num_queries=8, dec_layers=4, nheads=2,
                               dim_feedforward=64, enc_layers=1, enc_dim_feedforward=64, enc_n_points=2,
                               num_s1_classes=8),
         loss=LossConfig(num_points=256),
