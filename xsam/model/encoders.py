@@ -38,33 +38,38 @@ def siglip_vision_config(cfg: SiglipConfig) -> SiglipVisionConfig:
 class SiglipEncoder(nn.Module):
     """SigLIP vision tower; returns every token of hidden layer `cfg.select_layer` (SigLIP has no CLS).
 
-    `.model` is the transformers SiglipVisionModel (save_pretrained / load_siglip act on it). The
-    post-layernorm and pooling head exist (checkpoint compatibility) but do not feed the output.
+    `.model` is the transformers SiglipVisionModel (save_pretrained / load_siglip act on it). Only the
+    layers up to the selected one run; the later layers, the post-layernorm and the pooling head
+    exist so released checkpoints load key for key, and `unused_prefixes()` names them so a stage
+    policy keeps them frozen (they never receive a gradient).
     """
 
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
         self.cfg = cfg
         self.model = SiglipVisionModel(siglip_vision_config(cfg))
+        # hidden_states[0] is the embedding output, so hidden_states[k] follows k layers
+        self.num_layers_run = cfg.num_hidden_layers + 1 + cfg.select_layer if cfg.select_layer < 0 else cfg.select_layer
+        self.gradient_checkpointing = False
 
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return bool(self.model.is_activation_checkpointing)
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on: bool) -> None:
-        if on:
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.model.activation_checkpointing_disable()
+    def unused_prefixes(self) -> list[str]:
+        """Parameter-name prefixes (relative to this module) that never feed the output."""
+        layers = [f"model.encoder.layers.{k}" for k in range(self.num_layers_run, self.cfg.num_hidden_layers)]
+        return layers + ["model.post_layernorm", "model.head"]
 
     def forward(self, pixels: Tensor) -> Tensor:
         """pixels [B, 3, S, S] (SigLIP-normalised) -> [B, cfg.num_tokens, cfg.hidden_size]."""
         size = self.cfg.image_size
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (size, size):
             raise ValueError(f"SiglipEncoder expects [B, 3, {size}, {size}], got {tuple(pixels.shape)}")
-        out = self.model(pixel_values=pixels, output_hidden_states=True)
-        return out.hidden_states[self.cfg.select_layer]  # hidden_states[0] is the embedding output
+        vision = self.model  # transformers 5: embeddings / encoder / post_layernorm / head directly
+        hidden = vision.embeddings(pixels)
+        for layer in vision.encoder.layers[: self.num_layers_run]:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, None, use_reentrant=False)
+            else:
+                hidden = layer(hidden, None)
+        return hidden
 
 
 class SamEncoder(nn.Module):

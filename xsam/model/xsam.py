@@ -1,0 +1,194 @@
+"""X-SAM: the composed model (reference section 1, "How the LLM conditions the decoder").
+
+    image --SigLIP--> [B, 729, 1152] --image_projector--> [B, 729, D]   \\
+    image --SAM ViT--> blocks {12, 18, 24, 23}                           > <image> = 1753 tokens -> LLM
+             block 23 --seg_projector (pixel shuffle 0.5)--> [B, 1024, D] /
+             blocks 12/18/24 --connector--> 1/8, 1/16, 1/32 --pixel decoder--> mask features (stride 8)
+    LLM last hidden --llm_to_decoder--> 256:  <SEG> state biases the queries,
+                                              <p>...</p> spans -> condition embeddings (+ latent background)
+    masked-attention decoder --cosine classifier--> [N, Q, K+1] logits, [N, Q, I/8, I/8] masks
+
+Parts are injected: a stage builds only what it uses (S1: SAM + segmentor; S2: the MLLM parts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from xsam.model.config import XSAMConfig
+from xsam.model.connector import SegConnector
+from xsam.model.criterion import SetCriterion
+from xsam.model.encoders import SamEncoder, SiglipEncoder
+from xsam.model.heads import CosineClassifier, LatentBackground, LinearClassifier
+from xsam.model.llm import XSamLLM, expand_visual, pad_batch, seg_positions, span_average
+from xsam.model.matcher import HungarianMatcher
+from xsam.model.pixel_decoder import PixelDecoder
+from xsam.model.projectors import MLPProjector, SegProjector
+from xsam.model.prompt_sampler import VisualPromptSampler
+from xsam.model.transformer_decoder import MaskedAttentionDecoder
+
+
+class DecodeMode(str, Enum):
+    """How a single-task batch is decoded (the training loader sets it from the sample's task)."""
+
+    none = "none"  # chat: LM loss only
+    per_sample = "per_sample"  # generic / open-vocab / GCG / VGD / interactive: one pass per image
+    per_phrase = "per_phrase"  # referring / reasoning / gRefCOCO (paper): one pass per <SEG>
+
+
+@dataclass
+class XSAMBatch:
+    """A batch of B images. Token sequences keep their placeholders (-200 image, -300 region).
+
+    targets: one dict per decoder item - per image (per_sample) or per <SEG> in batch order
+    (per_phrase) - with labels [N] (condition indices) and masks [N, I, I] in the padded SAM frame.
+    """
+
+    mode: DecodeMode
+    sam_pixels: Tensor  # [B, 3, I, I]
+    siglip_pixels: Tensor | None = None  # [B, 3, S, S]
+    input_ids: list[Tensor] = field(default_factory=list)  # B x [T_b]
+    labels: list[Tensor] = field(default_factory=list)  # B x [T_b]
+    region_masks: list[Tensor | None] = field(default_factory=list)  # B x [R_b, I, I] bool
+    # VGD: a prompt may come from another image of the batch; B x [R_b] image index (default: own image)
+    region_sources: list[Tensor | None] = field(default_factory=list)
+    targets: list[dict[str, Tensor]] = field(default_factory=list)
+
+
+class Segmentor(nn.Module):
+    """Connector + pixel decoder + masked-attention decoder, with both classification heads."""
+
+    def __init__(self, cfg: XSAMConfig):
+        super().__init__()
+        d = cfg.decoder
+        self.blocks = cfg.sam.connector_blocks
+        self.connector = SegConnector(cfg.sam.embed_dim, d.connector_dim)
+        self.pixel_decoder = PixelDecoder(self.connector.out_channels, d)
+        self.decoder = MaskedAttentionDecoder(d)
+        self.s1_head = LinearClassifier(d.hidden_dim, d.num_s1_classes)
+        self.cosine_head = CosineClassifier(d.hidden_dim, d.logit_scale_init, d.logit_scale_clamp)
+        self.background = LatentBackground(d.hidden_dim)
+
+    def features(self, sam_feats: dict[int, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """SAM block outputs -> (mask_features [B, D, I/8, I/8], multi-scale [B, D, h, w] coarse->fine)."""
+        return self.pixel_decoder(self.connector([sam_feats[b] for b in self.blocks]))
+
+    def decode(self, mask_features: Tensor, multi_scale: list[Tensor], classify, query_bias: Tensor | None) -> dict:
+        return self.decoder(multi_scale, mask_features, classify=classify, query_bias=query_bias)
+
+    def cosine(self, queries: Tensor, cond: Tensor, cond_mask: Tensor) -> Tensor:
+        return self.cosine_head(queries, cond, cond_mask, self.background.vector)
+
+
+class XSAM(nn.Module):
+    def __init__(self, cfg: XSAMConfig, sam: SamEncoder, segmentor: Segmentor | None = None,
+                 siglip: SiglipEncoder | None = None, llm: XSamLLM | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.sam = sam
+        self.segmentor = segmentor
+        self.siglip = siglip
+        self.llm = llm
+        if llm is not None:
+            dim = cfg.llm.hidden_size
+            self.image_projector = MLPProjector(cfg.siglip.hidden_size, dim)
+            self.seg_projector = SegProjector(cfg.sam.embed_dim, dim)
+            self.llm_to_decoder = MLPProjector(dim, cfg.decoder.hidden_dim, hidden_dim=cfg.decoder.hidden_dim)
+        self.prompt_sampler = VisualPromptSampler(cfg.num_prompt_points)
+        lc = cfg.loss
+        self.criterion = SetCriterion(HungarianMatcher(lc.class_weight, lc.mask_weight, lc.dice_weight, lc.num_points), lc)
+        self.special_ids: dict[str, int] = {}  # "<SEG>", "<p>", "</p>" -> id, set by the builder
+
+    def unused_prefixes(self) -> tuple[str, ...]:
+        """Parameters that exist for checkpoint compatibility but never feed an output."""
+        return tuple(f"siglip.{p}" for p in self.siglip.unused_prefixes()) if self.siglip is not None else ()
+
+    # -- S1: the segmentor alone, linear 134-way head ---------------------------------------------
+    def forward_s1(self, sam_pixels: Tensor, targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict]:
+        mask_features, multi_scale = self.segmentor.features(self.sam(sam_pixels))
+        outputs = self.segmentor.decode(mask_features, multi_scale, self.segmentor.s1_head, None)
+        losses = self.criterion(outputs, targets)
+        losses["total"] = sum(losses.values())
+        return losses, outputs
+
+    # -- S2 / S3 -----------------------------------------------------------------------------------
+    def visual_tokens(self, siglip_pixels: Tensor, sam_feats: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
+        """-> (visual tokens [B, 729 + 1024, D], the segmentation token map [B, g/2, g/2, D])."""
+        image_tokens = self.image_projector(self.siglip(siglip_pixels))
+        seg_map = self.seg_projector.forward_map(sam_feats[self.cfg.sam.projector_block])
+        return torch.cat([image_tokens, seg_map.flatten(1, 2)], dim=1), seg_map
+
+    def run_llm(self, batch: XSAMBatch, sam_feats: dict[int, Tensor]):
+        """-> (lm_loss, hidden [B, T', D], token_ids [B, T'] with -200 at visual positions)."""
+        visual, seg_map = self.visual_tokens(batch.siglip_pixels, sam_feats)
+        embed = self.llm.input_embeddings()
+        sequences = []
+        for b in range(len(batch.input_ids)):
+            regions = None
+            if batch.region_masks and batch.region_masks[b] is not None and len(batch.region_masks[b]):
+                masks = batch.region_masks[b]
+                sources = batch.region_sources[b] if batch.region_sources else None
+                if sources is None:
+                    regions = self.prompt_sampler(seg_map[b], masks)
+                else:
+                    regions = torch.cat([self.prompt_sampler(seg_map[int(src)], masks[r:r + 1])
+                                         for r, src in enumerate(sources)])
+            sequences.append(expand_visual(batch.input_ids[b], batch.labels[b], embed, visual[b], regions))
+        embeds, labels, token_ids, attention_mask = pad_batch(sequences)
+        lm_loss, hidden = self.llm(embeds, attention_mask, labels)
+        return lm_loss, hidden, token_ids
+
+    def conditions(self, hidden: Tensor, token_ids: Tensor, mode: DecodeMode):
+        """Project the LLM states and gather what the decoder needs.
+
+        -> (item_image [N] long: the image of each decoder item, query_bias [N, 256],
+            cond [N, K, 256], cond_mask [N, K] bool)."""
+        proj = self.llm_to_decoder(hidden)  # [B, T', 256]
+        seg, p, end_p = self.special_ids["<SEG>"], self.special_ids["<p>"], self.special_ids["</p>"]
+        spans = [span_average(proj[b], token_ids[b], p, end_p) for b in range(proj.shape[0])]
+        segs = [seg_positions(token_ids[b], seg) for b in range(proj.shape[0])]
+        if mode is DecodeMode.per_sample:
+            for b, s in enumerate(segs):
+                if len(s) == 0 or len(spans[b]) == 0:
+                    raise ValueError(f"sample {b} of a segmentation batch has no <SEG> or no <p>...</p> span")
+            item_image = torch.arange(proj.shape[0], device=proj.device)
+            query_bias = torch.stack([proj[b, s[0]] for b, s in enumerate(segs)])
+            k = max(len(s) for s in spans)
+            cond = proj.new_zeros(len(spans), k, proj.shape[-1])
+            cond_mask = torch.zeros(len(spans), k, dtype=torch.bool, device=proj.device)
+            for b, s in enumerate(spans):
+                cond[b, : len(s)] = s
+                cond_mask[b, : len(s)] = True
+            return item_image, query_bias, cond, cond_mask
+        # per_phrase: one decoder item per <SEG>; every phrase of the batch is a class (cross-sample negatives)
+        item_image = torch.cat([torch.full((len(s),), b, dtype=torch.long, device=proj.device)
+                                for b, s in enumerate(segs)])
+        query_bias = torch.cat([proj[b, s] for b, s in enumerate(segs)])
+        all_spans = torch.cat(spans)
+        if len(all_spans) != len(query_bias):
+            raise ValueError(f"{len(all_spans)} <p> spans but {len(query_bias)} <SEG> tokens in a per-phrase batch")
+        n = len(query_bias)
+        cond = all_spans[None].expand(n, -1, -1)
+        return item_image, query_bias, cond, torch.ones(n, n, dtype=torch.bool, device=proj.device)
+
+    def forward(self, batch: XSAMBatch) -> tuple[dict[str, Tensor], dict | None]:
+        """Teacher-forced training step: total = LM cross-entropy + segmentation losses."""
+        sam_feats = self.sam(batch.sam_pixels)
+        lm_loss, hidden, token_ids = self.run_llm(batch, sam_feats)
+        losses: dict[str, Tensor] = {"lm": lm_loss if lm_loss is not None else hidden.sum() * 0}
+        outputs = None
+        if batch.mode is not DecodeMode.none:
+            item_image, query_bias, cond, cond_mask = self.conditions(hidden, token_ids, batch.mode)
+            mask_features, multi_scale = self.segmentor.features(sam_feats)
+            mask_features = mask_features.index_select(0, item_image)
+            multi_scale = [m.index_select(0, item_image) for m in multi_scale]
+            classify = partial(self.segmentor.cosine, cond=cond, cond_mask=cond_mask)
+            outputs = self.segmentor.decode(mask_features, multi_scale, classify, query_bias)
+            losses.update(self.criterion(outputs, batch.targets))
+        losses["total"] = sum(losses.values())
+        return losses, outputs
