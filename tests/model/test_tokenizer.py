@@ -140,3 +140,12 @@ def test_parse_gcg():
     caption, spans = parse_gcg("A <p>cat</p> and </p>a <p>dog")
     assert caption == "A cat and a dog" and spans == [(2, 5)]
     assert parse_gcg("And the segmentation masks are <SEG>.") == ("", [])
+
+
+def test_encode_prompt_is_the_prefix_encode_chat_uses(tmp_path):
+    from xsam.model.tokenizer import build_tiny_tokenizer, encode_chat, encode_prompt
+
+    tok = build_tiny_tokenizer(tmp_path)
+    ids, _ = encode_chat([("<image>\nDescribe it.", "A box.")], tok, 1000)
+    prompt = encode_prompt("<image>\nDescribe it.", tok)
+    assert ids[: len(prompt)] == prompt and len(ids) > len(prompt) and -200 in prompt

@@ -151,6 +151,13 @@ def encode_chat(turns: Sequence[tuple[str, str]], tokenizer, max_text_tokens: in
     return _truncate_text(ids, labels, max_text_tokens)
 
 
+def encode_prompt(user: str, tokenizer) -> list[int]:
+    """The ids `encode_chat` puts before a first answer: BOS + ``<|user|>\n{user}<|end|>\n<|assistant|>\n``
+    (what greedy generation continues from)."""
+    return [token_id(tokenizer, BOS_TOKEN)] + tokenize(f"{USER_TOKEN}\n{user}{END_TOKEN}\n{ASSISTANT_TOKEN}\n",
+                                                       tokenizer)
+
+
 # --------------------------------------------------------------------------- GCG answers
 _GENERATION_ENDS = (END_TOKEN, ENDOFTEXT_TOKEN, "</s>")
 

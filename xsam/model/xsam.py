@@ -123,8 +123,9 @@ class XSAM(nn.Module):
         seg_map = self.seg_projector.forward_map(sam_feats[self.cfg.sam.projector_block])
         return torch.cat([image_tokens, seg_map.flatten(1, 2)], dim=1), seg_map
 
-    def run_llm(self, batch: XSAMBatch, sam_feats: dict[int, Tensor]):
-        """-> (lm_loss, hidden [B, T', D], token_ids [B, T'] with -200 at visual positions)."""
+    def embed_inputs(self, batch: XSAMBatch, sam_feats: dict[int, Tensor]):
+        """Expand every sample's placeholders (visual tokens, sampled region features) and pad
+        -> (inputs_embeds [B, T', D], labels [B, T'], token_ids [B, T'], attention_mask [B, T'])."""
         visual, seg_map = self.visual_tokens(batch.siglip_pixels, sam_feats)
         embed = self.llm.input_embeddings()
         sequences = []
@@ -139,7 +140,11 @@ class XSAM(nn.Module):
                     regions = torch.cat([self.prompt_sampler(seg_map[int(src)], masks[r:r + 1])
                                          for r, src in enumerate(sources)])
             sequences.append(expand_visual(batch.input_ids[b], batch.labels[b], embed, visual[b], regions))
-        embeds, labels, token_ids, attention_mask = pad_batch(sequences)
+        return pad_batch(sequences)
+
+    def run_llm(self, batch: XSAMBatch, sam_feats: dict[int, Tensor]):
+        """-> (lm_loss, hidden [B, T', D], token_ids [B, T'] with -200 at visual positions)."""
+        embeds, labels, token_ids, attention_mask = self.embed_inputs(batch, sam_feats)
         lm_loss, hidden = self.llm(embeds, attention_mask, labels)
         return lm_loss, hidden, token_ids
 
@@ -176,19 +181,30 @@ class XSAM(nn.Module):
         cond = all_spans[None].expand(n, -1, -1)
         return item_image, query_bias, cond, torch.ones(n, n, dtype=torch.bool, device=proj.device)
 
-    def forward(self, batch: XSAMBatch) -> tuple[dict[str, Tensor], dict | None]:
-        """Teacher-forced training step: total = LM cross-entropy + segmentation losses."""
+    def decode(self, batch: XSAMBatch) -> tuple[Tensor | None, Tensor, dict | None]:
+        """-> (lm_loss, hidden [B, T', D], decoder outputs for the batch's decoder items or None)."""
         sam_feats = self.sam(batch.sam_pixels)
         lm_loss, hidden, token_ids = self.run_llm(batch, sam_feats)
+        if batch.mode is DecodeMode.none:
+            return lm_loss, hidden, None
+        item_image, query_bias, cond, cond_mask = self.conditions(hidden, token_ids, batch.mode)
+        mask_features, multi_scale = self.segmentor.features(sam_feats)
+        mask_features = mask_features.index_select(0, item_image)
+        multi_scale = [m.index_select(0, item_image) for m in multi_scale]
+        classify = partial(self.segmentor.cosine, cond=cond, cond_mask=cond_mask)
+        return lm_loss, hidden, self.segmentor.decode(mask_features, multi_scale, classify, query_bias)
+
+    def forward(self, batch: XSAMBatch) -> tuple[dict[str, Tensor], dict | None]:
+        """Teacher-forced training step: total = LM cross-entropy + segmentation losses."""
+        lm_loss, hidden, outputs = self.decode(batch)
         losses: dict[str, Tensor] = {"lm": lm_loss if lm_loss is not None else hidden.sum() * 0}
-        outputs = None
-        if batch.mode is not DecodeMode.none:
-            item_image, query_bias, cond, cond_mask = self.conditions(hidden, token_ids, batch.mode)
-            mask_features, multi_scale = self.segmentor.features(sam_feats)
-            mask_features = mask_features.index_select(0, item_image)
-            multi_scale = [m.index_select(0, item_image) for m in multi_scale]
-            classify = partial(self.segmentor.cosine, cond=cond, cond_mask=cond_mask)
-            outputs = self.segmentor.decode(mask_features, multi_scale, classify, query_bias)
+        if outputs is not None:
             losses.update(self.criterion(outputs, batch.targets))
         losses["total"] = sum(losses.values())
         return losses, outputs
+
+    @torch.no_grad()
+    def generate(self, batch: XSAMBatch, max_new_tokens: int, eos_id: int) -> list[list[int]]:
+        """Greedy continuation of each sample's prompt (its input_ids hold the prompt only)."""
+        embeds, _, _, attention_mask = self.embed_inputs(batch, self.sam(batch.sam_pixels))
+        return self.llm.generate_greedy(embeds, attention_mask, max_new_tokens, eos_id)

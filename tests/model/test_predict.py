@@ -1,0 +1,77 @@
+"""predict(): a tiny model trained on one referring example finds its box again, through the Python
+API and the command line (exported checkpoint -> load_for_inference -> overlay PNG)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_fixtures import boxes_image, referring_example, tiny_model, tiny_tokenizer
+from xsam.model.batching import collate
+from xsam.model.checkpoint import save_stage_checkpoint
+from xsam.model.predict import PredictTask, overlay, predict
+from xsam.model.stages import S3
+from xsam.model.templates import referring_question, seg_answer, with_image
+from xsam.model.xsam import DecodeMode
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    tok = tiny_tokenizer(folder)
+    cfg, model = tiny_model(tok, "s3", seed=0)
+    ex = referring_example(1)
+    ex.turns = [(with_image(referring_question("the box", 0)), seg_answer(0))]  # what predict() asks
+    batch = collate([ex], DecodeMode.per_phrase, tok, cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    torch.manual_seed(0)
+    for _ in range(150):
+        losses, _ = model(batch)
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+    return model.eval(), tok, ex, folder, cfg
+
+
+def _iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_predict_referring_finds_the_trained_box(trained):
+    model, tok, ex, _, _ = trained
+    pred = predict(model, tok, ex.image, PredictTask.referring, "the box")
+    assert pred.masks.shape == (1, *ex.image.shape[:2]) and pred.masks.dtype == bool
+    assert _iou(pred.masks[0], ex.masks[0]) > 0.7
+    png = overlay(ex.image, pred)
+    assert png.size == (ex.image.shape[1], ex.image.shape[0])
+    assert not np.array_equal(np.asarray(png), ex.image)  # the mask is drawn
+
+
+def test_every_task_returns_masks_at_the_original_size(trained):
+    model, tok, _, _, _ = trained
+    image, masks = boxes_image(7, h=37, w=53)
+    for task, kwargs in [("panoptic", {"prompt": "red box,blue box"}), ("semantic", {"prompt": "red box,blue box"}),
+                         ("instance", {"prompt": "red box,blue box"}), ("gres", {"prompt": "the box"}),
+                         ("interactive", {"prompt_masks": masks[:1]}), ("vgd", {"prompt_masks": masks}),
+                         ("gcg", {"max_new_tokens": 8})]:
+        pred = predict(model, tok, image, task, **kwargs)
+        assert pred.masks.ndim == 3 and pred.masks.shape[1:] == (37, 53), task
+        assert len(pred.labels) == len(pred.scores) == len(pred.masks), task
+
+
+def test_predict_command_line(trained, tmp_path):
+    model, tok, ex, tok_folder, cfg = trained
+    save_stage_checkpoint(model, S3, cfg, tmp_path / "ckpt")
+    Image.fromarray(ex.image).save(tmp_path / "in.png")
+    out = subprocess.run([sys.executable, "-m", "xsam.model.predict", "--checkpoint", str(tmp_path / "ckpt"),
+                          "--tokenizer", str(tok_folder), "--image", str(tmp_path / "in.png"), "--task", "referring",
+                          "--prompt", "the box", "--out", str(tmp_path / "o.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["labels"] == ["the box"] and abs(result["areas"][0] - int(ex.masks[0].sum())) < 0.3 * ex.masks[0].sum()
+    assert Image.open(tmp_path / "o.png").size == (ex.image.shape[1], ex.image.shape[0])

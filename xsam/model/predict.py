@@ -1,0 +1,191 @@
+"""Predict: image + task + prompt -> masks, labels, scores and an overlay picture.
+
+    from xsam.model.predict import load_for_inference, predict, overlay
+    model, tokenizer = load_for_inference("checkpoints/s3", tokenizer="weights/phi3")
+    pred = predict(model, tokenizer, image, "referring", "the man on the left")
+    overlay(image, pred).save("out.png")
+
+    python -m xsam.model.predict --checkpoint DIR --tokenizer DIR --image in.jpg --task panoptic \\
+        --prompt "person,sky,grass" --out overlay.png
+
+Segmentation tasks are teacher-forced (the answer template with <SEG> is given, one forward);
+GCG decodes greedily, parses the <p>...</p> phrases, then decodes their masks (reference sec. 4-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xsam.model import postprocess
+from xsam.model.batching import Example, collate
+from xsam.model.preprocess import scaled_size
+from xsam.model.templates import (generic_question, gcg_question, interactive_question, referring_question,
+                                  seg_answer, vgd_question, with_image)
+from xsam.model.tokenizer import END_TOKEN, SEG_TOKEN, encode_prompt, parse_gcg, token_id
+from xsam.model.xsam import XSAM, DecodeMode
+
+
+class PredictTask(str, Enum):
+    panoptic = "panoptic"
+    semantic = "semantic"
+    instance = "instance"
+    referring = "referring"  # also reasoning (a sentence query) and gres
+    gres = "gres"
+    gcg = "gcg"
+    interactive = "interactive"
+    vgd = "vgd"
+
+
+@dataclass
+class Prediction:
+    task: PredictTask
+    masks: np.ndarray  # [N, H, W] bool at the original image size
+    labels: list[str]
+    scores: list[float]
+    text: str | None = None  # GCG caption
+
+
+def _categories(prompt: str | list[str] | None) -> list[str]:
+    names = prompt.split(",") if isinstance(prompt, str) else list(prompt or [])
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError("this task needs a prompt listing categories, e.g. 'person,sky,grass'")
+    return names
+
+
+def _run(model: XSAM, tokenizer, example: Example, mode: DecodeMode) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = collate([example], mode, tokenizer, model.cfg)
+    _, _, out = model.decode(batch)
+    return out["pred_logits"], out["pred_masks"]
+
+
+@torch.no_grad()
+def predict(model: XSAM, tokenizer, image: np.ndarray, task: PredictTask | str, prompt: str | list[str] | None = None,
+            prompt_masks: np.ndarray | None = None, is_thing: list[bool] | None = None,
+            max_new_tokens: int = 128) -> Prediction:
+    """image [H, W, 3] uint8 RGB; prompt: categories (panoptic / semantic / instance), a phrase or
+    question (referring / gres), nothing (gcg); prompt_masks [R, H, W] bool (interactive / vgd)."""
+    task = PredictTask(task)
+    model.eval()
+    h, w = image.shape[:2]
+    orig, scaled = (h, w), scaled_size((h, w), model.cfg.sam.image_size)
+    if task in (PredictTask.panoptic, PredictTask.semantic, PredictTask.instance):
+        names = _categories(prompt)
+        ex = Example(image, [(with_image(generic_question(names, 0)), seg_answer(0))],
+                     np.zeros((0, h, w), bool), [])
+        logits, masks = _run(model, tokenizer, ex, DecodeMode.per_sample)
+        if task is PredictTask.semantic:
+            seg = postprocess.semantic(logits[0], masks[0], scaled, orig)
+            present = sorted(int(c) for c in seg.unique())
+            return Prediction(task, np.stack([(seg == c).numpy() for c in present]), [names[c] for c in present],
+                              [1.0] * len(present))
+        if task is PredictTask.panoptic:
+            seg_map, segments = postprocess.panoptic(logits[0], masks[0], scaled, orig,
+                                                     is_thing or [True] * len(names))
+            return Prediction(task, np.stack([(seg_map == s["id"]).numpy() for s in segments]) if segments
+                              else np.zeros((0, h, w), bool), [names[s["category_id"]] for s in segments],
+                              [float(s["score"]) for s in segments])
+        res = postprocess.instance(logits[0], masks[0], scaled, orig)
+        return Prediction(task, res["masks"].numpy(), [names[int(c)] for c in res["labels"]],
+                          res["scores"].tolist())
+    if task in (PredictTask.referring, PredictTask.gres):
+        if not prompt:
+            raise ValueError("referring needs a phrase or question as prompt")
+        ex = Example(image, [(with_image(referring_question(str(prompt), 0)), seg_answer(0))],
+                     np.zeros((1, h, w), bool), [0])
+        logits, masks = _run(model, tokenizer, ex, DecodeMode.per_phrase)
+        fn = postprocess.referring if task is PredictTask.referring else postprocess.gres
+        return Prediction(task, fn(logits[0], masks[0], scaled, orig)[None].numpy(), [str(prompt)], [1.0])
+    if task in (PredictTask.interactive, PredictTask.vgd):
+        if prompt_masks is None or len(prompt_masks) == 0:
+            raise ValueError(f"{task.value} needs prompt_masks [R, H, W]")
+        question = interactive_question(0) if len(prompt_masks) == 1 else vgd_question(len(prompt_masks), 0)
+        ex = Example(image, [(with_image(question), seg_answer(0))], np.zeros((0, h, w), bool), [],
+                     region_masks=prompt_masks.astype(bool))
+        logits, masks = _run(model, tokenizer, ex, DecodeMode.per_sample)
+        if task is PredictTask.interactive:
+            out = [postprocess.interactive(logits[0][:, [r, -1]], masks[0], scaled, orig,
+                                           torch.from_numpy(prompt_masks[r])) for r in range(len(prompt_masks))]
+            return Prediction(task, torch.stack(out).numpy(), [f"region {r}" for r in range(len(out))],
+                              [1.0] * len(out))
+        res = postprocess.vgd(logits[0], masks[0], scaled, orig)
+        return Prediction(task, res["masks"].numpy(), [f"region {int(c)}" for c in res["labels"]],
+                          res["scores"].tolist())
+    # GCG: generate, parse the phrases, then decode them teacher-forced
+    question = with_image(gcg_question(0))
+    batch = collate([Example(image, [(question, "")])], DecodeMode.none, tokenizer, model.cfg)
+    batch.input_ids = [torch.tensor(encode_prompt(question, tokenizer))]
+    batch.labels = [torch.full_like(batch.input_ids[0], -100)]
+    generated = model.generate(batch, max_new_tokens, token_id(tokenizer, END_TOKEN))[0]
+    text = tokenizer.decode(generated, skip_special_tokens=False)
+    caption, spans = parse_gcg(text)
+    if not spans:
+        return Prediction(task, np.zeros((0, h, w), bool), [], [], text=caption)
+    answer = text.split(END_TOKEN)[0].rstrip()
+    if SEG_TOKEN not in answer:  # the phrases decode from the <SEG> state: close the answer if generation did not
+        answer = f"{answer} {seg_answer(0)}"
+    ex = Example(image, [(question, answer)], np.zeros((len(spans), h, w), bool), list(range(len(spans))))
+    logits, masks = _run(model, tokenizer, ex, DecodeMode.per_sample)
+    out = postprocess.gcg(logits[0], masks[0], scaled, orig)
+    return Prediction(task, out.numpy(), [caption[s:e] for s, e in spans], [1.0] * len(spans), text=caption)
+
+
+def overlay(image: np.ndarray, pred: Prediction, alpha: float = 0.5) -> Image.Image:
+    """The image with each mask tinted in its own colour (deterministic palette)."""
+    out = image.astype(np.float32).copy()
+    rng = np.random.default_rng(0)
+    for mask in pred.masks:
+        colour = rng.integers(40, 256, size=3).astype(np.float32)
+        out[mask] = (1 - alpha) * out[mask] + alpha * colour
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def load_for_inference(checkpoint: str | Path, tokenizer: str | Path):
+    """A consolidated stage checkpoint folder (manifest.json + model.safetensors, as exported by
+    xsam.model.checkpoint) + a tokenizer folder -> (model, tokenizer), ready for `predict`."""
+    from transformers import AutoTokenizer
+
+    from xsam.model.builder import build_model
+    from xsam.model.checkpoint import load_stage_checkpoint, read_manifest
+    from xsam.model.config import XSAMConfig
+    from xsam.model.stages import S3
+    from xsam.model.tokenizer import SPECIAL_TOKENS, add_special_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    add_special_tokens(tok)
+    cfg = XSAMConfig.from_dict(read_manifest(checkpoint)["config"])
+    model = build_model(cfg, S3.parts, len(tok))
+    load_stage_checkpoint(model, checkpoint, S3)
+    model.special_ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return model.eval(), tok
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="exported S3 checkpoint folder")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--image", required=True)
+    p.add_argument("--task", required=True, choices=[t.value for t in PredictTask])
+    p.add_argument("--prompt", help="categories (comma-separated) or a referring phrase")
+    p.add_argument("--prompt-masks", help=".npy file of [R, H, W] bool visual prompts")
+    p.add_argument("--out", default="overlay.png")
+    args = p.parse_args(argv)
+    model, tok = load_for_inference(args.checkpoint, args.tokenizer)
+    image = np.asarray(Image.open(args.image).convert("RGB"))
+    prompt_masks = np.load(args.prompt_masks) if args.prompt_masks else None
+    pred = predict(model, tok, image, args.task, args.prompt, prompt_masks)
+    overlay(image, pred).save(args.out)
+    print(json.dumps({"task": pred.task.value, "labels": pred.labels, "scores": [round(s, 4) for s in pred.scores],
+                      "areas": [int(m.sum()) for m in pred.masks], "text": pred.text, "overlay": args.out}))
+
+
+if __name__ == "__main__":
+    main()
