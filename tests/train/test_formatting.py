@@ -1,0 +1,575 @@
+"""Per-read formatting of stored samples (xsam.train.formatting) and the S1 jitter (xsam.train.augment).
+
+Every test reads REAL converted fixture shards (tests/helpers.convert_fixtures, once per module) or a
+hand-made Sample where a case needs more objects / overlaps than the fixtures have."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from helpers import convert_fixtures, mask_of
+from PIL import Image
+
+from xsam.data import masks as mask_codec
+from xsam.data import storage
+from xsam.data.schema import (
+    RLE,
+    GroundedCaption,
+    ImageInfo,
+    Phrase,
+    Provenance,
+    ReferringExpression,
+    Sample,
+    Segment,
+    Task,
+)
+from xsam.data.shards import iter_tar, read_manifest, shard_urls, split_dir
+from xsam.model import templates as T
+from xsam.model.batching import collate
+from xsam.model.config import tiny
+from xsam.model.preprocess import SAM_MEAN, SAM_STD
+from xsam.model.tokenizer import build_tiny_tokenizer, parse_gcg
+from xsam.model.xsam import DecodeMode
+from xsam.train.augment import PAD_COLOR, jitter_geometry, large_scale_jitter
+from xsam.train.formatting import Formatter, collate_s1, decode_image
+
+FORMATS = ["coco_panoptic", "refer", "labelme", "gcg_grandf", "gcg_flickr", "gcg_refcocog", "coco_vgd", "psalm_interactive", "llava"]
+P_RE = re.compile(r"<p>(.*?)</p>")
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """dataset -> [(sample, image bytes)] over all splits; label_spaces from the split manifests."""
+    tmp = tmp_path_factory.mktemp("fmt")
+    made, out, _ = convert_fixtures(tmp, FORMATS)
+    data: dict[str, list[tuple[Sample, bytes]]] = {}
+    label_spaces: dict[str, list[dict]] = {}
+    for name, ds in made.items():
+        for split in ds.entry["splits"]:
+            manifest = read_manifest(storage.join(split_dir(out, name, split), "manifest.json"))
+            if manifest.label_space and manifest.categories:
+                label_spaces[manifest.label_space] = manifest.categories
+            for url in shard_urls(out, name, split):
+                data.setdefault(name, []).extend((s, img) for _, img, _, s in iter_tar(url))
+    return data, label_spaces
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def names_in(question: str) -> list[str]:
+    return P_RE.findall(question)
+
+
+def seg_by_id(sample: Sample) -> dict[int, Segment]:
+    return {s.id: s for s in sample.segments}
+
+
+def union(sample: Sample, ids) -> np.ndarray:
+    segs = seg_by_id(sample)
+    out = np.zeros((sample.image.height, sample.image.width), bool)
+    for i in ids:
+        out |= mask_of(segs[i].mask)
+    if sample.ignore_mask is not None:
+        out &= ~mask_of(sample.ignore_mask)
+    return out
+
+
+def encode_image(image: np.ndarray, exif_orientation: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    kw = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kw["exif"] = exif
+    Image.fromarray(image).save(buf, "PNG" if exif_orientation is None else "JPEG", **kw)
+    return buf.getvalue()
+
+
+def rle(mask: np.ndarray) -> RLE:
+    return RLE(**mask_codec.encode(mask))
+
+
+def hand_sample(task: Task, h: int, w: int, segments: list[Segment], **fields) -> Sample:
+    return Sample(dataset="hand", split="train", task=task, image=ImageInfo(id="1", file_name="1.png", width=w,
+                  height=h, format="png"), segments=segments,
+                  provenance=Provenance(source_file="-", source_id="1", reader="hand", reader_version=1), **fields)
+
+
+def box_segment(sid: int, h: int, w: int, y0: int, y1: int, x0: int, x1: int, category_id=None) -> Segment:
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return Segment(id=sid, category_id=category_id, bbox=(x0, y0, x1 - x0, y1 - y0), area=int(m.sum()), mask=rle(m))
+
+
+def assert_same(a: list, b: list):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        ex, ey = x.example, y.example
+        assert ex.turns == ey.turns and ex.labels == ey.labels and x.mode == y.mode
+        for fa, fb in ((ex.masks, ey.masks), (ex.region_masks, ey.region_masks), (ex.image, ey.image)):
+            assert (fa is None) == (fb is None)
+            if fa is not None:
+                assert np.array_equal(fa, fb)
+
+
+# --------------------------------------------------------------------------- chat
+def test_chat_turns_and_image_placeholder(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    seen = 0
+    for sample, img in data["fixture_llava_mix665k"] + data["fixture_llava_pretrain"]:
+        for seed in range(5):
+            (out,) = fmt(sample, img, rng(seed))
+            assert out.mode is DecodeMode.none and out.example.masks is None and out.task is Task.chat
+            turns = out.example.turns
+            assert turns[0][0].startswith("<image>\n")
+            assert sum(u.count("<image>") for u, _ in turns) == 1
+            stored = [[t.value.replace("<image>", "").strip() for t in c.turns] for c in sample.conversations]
+            flat = [x for u, a in turns for x in (u.removeprefix("<image>\n"), a)]
+            assert flat in stored
+            seen += 1
+    assert seen > 0
+    # the fixture with two conversations: both get picked over seeds
+    multi = [(s, i) for s, i in data["fixture_llava_mix665k"] if len(s.conversations) > 1]
+    assert multi
+    s, i = multi[0]
+    assert len({tuple(fmt(s, i, rng(seed))[0].example.turns) for seed in range(30)}) == 2
+
+
+def test_chat_placeholder_added_and_moved():
+    from xsam.data.schema import Conversation, Turn
+    image = np.zeros((10, 12, 3), np.uint8)
+    conv = Conversation(id="c", turns=[Turn(role="gpt", value="hello"), Turn(role="human", value="What is it?"),
+                                       Turn(role="gpt", value="A <image> thing."),
+                                       Turn(role="human", value="Sure <image>?"), Turn(role="gpt", value="Yes."),
+                                       Turn(role="human", value="dangling")])
+    s = hand_sample(Task.chat, 10, 12, [], conversations=[conv])
+    (out,) = Formatter("s2", {})(s, encode_image(image), rng(0))
+    assert out.example.turns == [("<image>\nWhat is it?", "A  thing."), ("Sure ?", "Yes.")]
+
+
+def test_stage_gating(shards):
+    data, ls = shards
+    chat, img = data["fixture_llava_pretrain"][0]
+    pan, pimg = data["fixture_coco_panoptic"][0]
+    with pytest.raises(ValueError, match="not trained in stage s1"):
+        Formatter("s1", ls)(chat, img, rng(0))
+    with pytest.raises(ValueError, match="not trained in stage s2"):
+        Formatter("s2", ls)(pan, pimg, rng(0))
+    with pytest.raises(ValueError):
+        Formatter("s4", ls)
+
+
+# --------------------------------------------------------------------------- generic
+def test_generic_masks_labels_names(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    for sample, img in data["fixture_coco_panoptic"]:
+        cats = {c["id"]: c for c in ls[sample.label_space]}
+        plain = [s for s in sample.segments if not s.iscrowd]
+        for seed in range(10):
+            (out,) = fmt(sample, img, rng(seed))
+            ex = out.example
+            assert out.mode is DecodeMode.per_sample
+            (question, answer), = ex.turns
+            assert answer in T.SEG_ANSWERS and question.startswith("<image>\n")
+            names = names_in(question)
+            assert len(names) == len(set(names))
+            assert ex.masks.shape == (len(plain), sample.image.height, sample.image.width)
+            for k, seg in enumerate(plain):  # one mask per non-crowd segment, pixel exact, right name
+                assert np.array_equal(ex.masks[k], mask_of(seg.mask))
+                assert names[ex.labels[k]] == T.clean_category_name(cats[seg.category_id]["name"])
+            positives = {T.clean_category_name(cats[s.category_id]["name"]) for s in plain}
+            crowd_only = {T.clean_category_name(cats[s.category_id]["name"]) for s in sample.segments
+                          if s.iscrowd} - positives
+            assert positives <= set(names) and not crowd_only & set(names)
+            assert 0 <= len(names) - len(positives) <= 128 - len(positives)
+
+
+def test_generic_negatives_count_and_variation(shards):
+    data, ls = shards
+    sample, img = data["fixture_coco_panoptic"][0]
+    # a 300-category label space around the fixture's: the negative count is bounded by 128 - #pos
+    big = list(ls[sample.label_space]) + [{"id": 10_000 + i, "name": f"thing-{i}-other", "isthing": 1}
+                                         for i in range(300)]
+    fmt = Formatter("s3", {sample.label_space: big})
+    npos = len({s.category_id for s in sample.segments if not s.iscrowd})
+    counts, templates, orders = [], set(), set()
+    for seed in range(50):
+        (out,) = fmt(sample, img, rng(seed))
+        question = out.example.turns[0][0]
+        names = names_in(question)
+        assert all("-" not in n and "other" not in n for n in names)  # cleaned
+        counts.append(len(names) - npos)
+        templates.add(P_RE.sub("", question).split(":")[0][:30])
+        orders.add(tuple(names))
+    assert all(0 <= c <= 128 - npos for c in counts)
+    assert len(set(counts)) > 20 and max(counts) > 64
+    assert len(templates) > 1 and len(orders) == 50
+
+
+def test_generic_category_targets_option(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls, generic_targets="category")
+    for sample, img in data["fixture_coco_panoptic"]:
+        cats = {c["id"]: c for c in ls[sample.label_space]}
+        (out,) = fmt(sample, img, rng(3))
+        names = names_in(out.example.turns[0][0])
+        for m, lab in zip(out.example.masks, out.example.labels):
+            ids = [s.id for s in sample.segments if not s.iscrowd
+                   and T.clean_category_name(cats[s.category_id]["name"]) == names[lab]]
+            assert ids and np.array_equal(m, union(sample, ids))
+
+
+def test_determinism_and_variation(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    for name in ("fixture_coco_panoptic", "fixture_refcoco", "fixture_reason_seg", "fixture_gcg_grandf",
+                 "fixture_coco_vgd", "fixture_coco_interactive", "fixture_llava_mix665k"):
+        sample, img = data[name][1]
+        assert_same(fmt(sample, img, rng(7)), fmt(sample, img, rng(7)))
+        texts = {tuple(t for f in fmt(sample, img, rng(seed)) for t in f.example.turns) for seed in range(50)}
+        if name != "fixture_llava_mix665k" or len(sample.conversations) > 1:
+            assert len(texts) > 1, name
+
+
+# --------------------------------------------------------------------------- referring
+def test_referring_masks_and_sentences(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    chosen: Counter = Counter()
+    for name in ("fixture_refcoco", "fixture_grefcoco"):
+        for sample, img in data[name]:
+            objects = [r for r in sample.referring if r.segment_ids]
+            for seed in range(10):
+                outs = fmt(sample, img, rng(seed))
+                assert sum(len(o.example.turns) for o in outs) == len(objects)
+                for out in outs:
+                    ex = out.example
+                    assert out.mode is DecodeMode.per_phrase and len(ex.masks) == len(ex.turns) <= 8
+                    assert ex.labels == list(range(len(ex.turns)))
+                    for k, (q, a) in enumerate(ex.turns):
+                        assert q.startswith("<image>\n") == (k == 0) and a in T.SEG_ANSWERS
+                        (sentence,) = names_in(q)
+                        owners = [r for r in objects if sentence in r.sentences]
+                        assert any(np.array_equal(ex.masks[k], union(sample, r.segment_ids)) for r in owners)
+                        chosen[sentence] += 1
+    multi = [s for name in ("fixture_refcoco",) for smp, _ in data[name] for r in smp.referring
+             if len(r.sentences) > 1 for s in r.sentences]
+    assert sum(1 for s in multi if chosen[s]) > len(multi) // 2  # more than one sentence per object gets used
+
+
+def test_referring_chunks_of_at_most_eight():
+    h, w, n = 40, 60, 19
+    segs = [box_segment(i + 1, h, w, i, i + 10, 2 * i, 2 * i + 5, category_id=1) for i in range(n)]
+    refs = [ReferringExpression(ref_id=str(i), sentences=[f"object number {i}", f"thing {i}"], segment_ids=[i + 1])
+            for i in range(n)]
+    refs.append(ReferringExpression(ref_id="empty", sentences=["nothing"], segment_ids=[]))  # no target: dropped
+    s = hand_sample(Task.referring_seg, h, w, segs, referring=refs)
+    img = encode_image(np.zeros((h, w, 3), np.uint8))
+    fmt = Formatter("s3", {})
+    outs = fmt(s, img, rng(0))
+    assert [len(o.example.turns) for o in outs] == [8, 8, 3]
+    seen = []
+    for out in outs:
+        assert out.example.turns[0][0].startswith("<image>\n")
+        assert all("<image>" not in q for q, _ in out.example.turns[1:])
+        for k, (q, _) in enumerate(out.example.turns):
+            (sentence,) = names_in(q)
+            i = int(sentence.split()[-1])
+            seen.append(i)
+            assert np.array_equal(out.example.masks[k], mask_of(segs[i].mask))
+    assert sorted(seen) == list(range(n)) and seen != sorted(seen)  # every object once, shuffled
+    assert len({tuple(tuple(o.example.turns) for o in fmt(s, img, rng(seed))) for seed in range(5)}) == 5
+
+
+# --------------------------------------------------------------------------- reasoning
+def test_reasoning_mask_query_and_explain_branch(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    for sample, img in data["fixture_reason_seg"]:
+        (rq,) = sample.reasoning
+        explained = 0
+        queries = set()
+        for seed in range(50):
+            (out,) = fmt(sample, img, rng(seed))
+            ex = out.example
+            assert out.mode is DecodeMode.per_phrase and ex.labels == [0]
+            assert np.array_equal(ex.masks[0], union(sample, rq.segment_ids))
+            (q, a), = ex.turns
+            (query,) = names_in(q)
+            assert query in rq.queries
+            queries.add(query)
+            if a.endswith("And it is <SEG>."):
+                explained += 1
+                assert a == T.reasoning_answer(0, rq.explanation) and "explain why" in q
+            else:
+                assert a in T.SEG_ANSWERS
+                assert q.removeprefix("<image>\n") in {
+                    T.reasoning_question(query, i, rq.is_sentence)
+                    for i in range(len(T.REASONING_QUESTIONS if rq.is_sentence else T.REFERRING_QUESTIONS))}
+        assert len(queries) == len(set(rq.queries))
+        if rq.explanation:
+            assert 10 < explained < 40
+        else:
+            assert explained == 0
+    # the ignore region is background in the target (and the fixture does overlap a target)
+    overlapping = [s for s, _ in data["fixture_reason_seg"] if s.ignore_mask is not None
+                   and (mask_of(s.ignore_mask) & union_raw(s, s.reasoning[0].segment_ids)).any()]
+    assert overlapping
+
+
+def union_raw(sample: Sample, ids) -> np.ndarray:
+    segs = seg_by_id(sample)
+    return np.any([mask_of(segs[i].mask) for i in ids], axis=0)
+
+
+# --------------------------------------------------------------------------- GCG
+def test_gcg_spans_wrap_phrases(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    for name in ("fixture_gcg_grandf", "fixture_gcg_psg", "fixture_gcg_flickr", "fixture_gcg_refcocog"):
+        for sample, img in data[name]:
+            for seed in range(5):
+                (out,) = fmt(sample, img, rng(seed))
+                ex = out.example
+                assert out.mode is DecodeMode.per_sample
+                (q, a), = ex.turns
+                assert q.removeprefix("<image>\n") in T.GCG_QUESTIONS
+                caption, spans = parse_gcg(a)
+                phrases = sorted(sample.gcg.phrases, key=lambda p: p.start)
+                assert caption == sample.gcg.caption.strip()
+                assert [caption[s:e] for s, e in spans] == [p.text for p in phrases] == names_in(a)
+                for k, p in enumerate(phrases):
+                    assert np.array_equal(ex.masks[k], union(sample, p.segment_ids))
+                assert ex.labels == list(range(len(phrases)))
+
+
+def test_gcg_overlapping_spans_dropped():
+    h, w = 30, 40
+    segs = [box_segment(i + 1, h, w, 0, 10, 5 * i, 5 * i + 4) for i in range(4)]
+    caption = "A big <SEG>red car near a tree."  # a stray marker: removed, offsets re-mapped
+    phrases = [Phrase(start=24, end=30, text="a tree", segment_ids=[3]),
+               Phrase(start=0, end=18, text="A big <SEG>red car", segment_ids=[1]),
+               Phrase(start=11, end=18, text="red car", segment_ids=[2]),  # overlaps the previous: dropped
+               Phrase(start=19, end=23, text="near", segment_ids=[])]  # no mask: dropped
+    s = hand_sample(Task.gcg, h, w, segs, gcg=GroundedCaption(caption=caption, phrases=phrases))
+    (out,) = Formatter("s3", {})(s, encode_image(np.zeros((h, w, 3), np.uint8)), rng(1))
+    a = out.example.turns[0][1]
+    assert a.startswith("<p>A big red car</p> near <p>a tree</p>. ")
+    assert names_in(a) == ["A big red car", "a tree"] and a.count("<SEG>") == 1
+    assert np.array_equal(out.example.masks[0], mask_of(segs[0].mask))
+    assert np.array_equal(out.example.masks[1], mask_of(segs[2].mask))
+
+
+# --------------------------------------------------------------------------- VGD / interactive
+def prompt_type_of(sample: Sample, region: np.ndarray) -> list[tuple[int, str]]:
+    return [(vp.segment_id, vp.type.value) for vp in sample.visual_prompts if np.array_equal(mask_of(vp.mask), region)]
+
+
+def test_vgd_regions_targets_and_prompt_types(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    types_seen: Counter = Counter()
+    per_instance: dict[tuple, set] = {}
+    for sample, img in data["fixture_coco_vgd"]:
+        segs = seg_by_id(sample)
+        prompted = {vp.segment_id for vp in sample.visual_prompts}
+        cats = {segs[i].category_id for i in prompted if not segs[i].iscrowd}
+        for seed in range(50):
+            outs = fmt(sample, img, rng(seed))
+            if not cats:
+                assert outs == []
+                continue
+            (out,) = outs
+            ex = out.example
+            assert out.mode is DecodeMode.per_sample
+            (q, a), = ex.turns
+            assert q.count("<region>") == len(ex.region_masks) == len(cats) and a in T.SEG_ANSWERS
+            region_cats = []
+            for r, region in enumerate(ex.region_masks):
+                owners = prompt_type_of(sample, region)
+                assert owners, "the region mask is a stored prompt mask"
+                sid, ptype = owners[0]
+                types_seen[ptype] += 1
+                per_instance.setdefault((sample.provenance.source_id, sid), set()).add(ptype)
+                region_cats.append(segs[sid].category_id)
+                expected = [s for s in sample.segments if not s.iscrowd and s.category_id == segs[sid].category_id]
+                got = [ex.masks[k] for k in range(len(ex.masks)) if ex.labels[k] == r]
+                assert len(got) == len(expected)  # every instance of the region's category, each its own mask
+                for m, s in zip(got, expected):
+                    assert np.array_equal(m, mask_of(s.mask))
+            assert sorted(region_cats) == sorted(cats)
+    assert set(types_seen) == {"point", "scribble", "box", "mask"}
+    assert any(len(v) > 1 for v in per_instance.values())  # the type varies per read for one instance
+
+
+def test_vgd_prompt_type_restriction(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls, prompt_types=("box",))
+    for sample, img in data["fixture_coco_vgd"]:
+        for out in fmt(sample, img, rng(0)):
+            for region in out.example.region_masks:
+                assert {t for _, t in prompt_type_of(sample, region)} == {"box"}
+
+
+def test_interactive_one_region_per_annotation(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    for sample, img in data["fixture_coco_interactive"]:
+        prompted = {vp.segment_id for vp in sample.visual_prompts}
+        segs = seg_by_id(sample)
+        for seed in range(5):
+            (out,) = fmt(sample, img, rng(seed))
+            ex = out.example
+            assert len(ex.region_masks) == len(ex.masks) == len(prompted) and ex.labels == list(range(len(prompted)))
+            used = set()
+            for region, target in zip(ex.region_masks, ex.masks):
+                sids = {sid for sid, _ in prompt_type_of(sample, region)}
+                (sid,) = [i for i in sids if np.array_equal(target, mask_of(segs[i].mask))]
+                used.add(sid)
+            assert used == prompted
+
+
+# --------------------------------------------------------------------------- S1
+def test_s1_labels_contiguous_and_masks_follow_jitter(shards):
+    data, ls = shards
+    fmt = Formatter("s1", ls, sam_size=256)
+    for sample, img in data["fixture_coco_panoptic"]:
+        order = [c["id"] for c in ls[sample.label_space]]
+        plain = [s for s in sample.segments if not s.iscrowd]
+        for seed in range(4):
+            (out,) = fmt(sample, img, rng(seed))
+            ex = out.example
+            assert ex.turns == [] and out.mode is DecodeMode.per_sample
+            assert ex.image.shape == (256, 256, 3) and ex.masks.shape[1:] == (256, 256)
+            scale = rng(seed).uniform(0.1, 2.0)  # the jitter's one draw
+            h, w = sample.image.height, sample.image.width
+            (nh, nw), (oy, ox), (ch, cw) = jitter_geometry(h, w, scale, 256)
+            assert out.valid_size == (ch, cw)
+            assert (ex.image[ch:] == PAD_COLOR).all() and (ex.image[:, cw:] == PAD_COLOR).all()
+            assert not ex.masks[:, ch:].any() and not ex.masks[:, :, cw:].any()
+            kept = 0
+            for seg in plain:
+                m = mask_of(seg.mask)
+                rows = np.minimum(((np.arange(oy, oy + ch) + 0.5) * h / nh).astype(int), h - 1)
+                cols = np.minimum(((np.arange(ox, ox + cw) + 0.5) * w / nw).astype(int), w - 1)
+                expect = m[rows][:, cols]
+                if not expect.any():
+                    continue  # cropped away: dropped
+                assert np.array_equal(ex.masks[kept, :ch, :cw], expect)
+                assert ex.labels[kept] == order.index(seg.category_id)
+                kept += 1
+            assert kept == len(ex.masks) == len(ex.labels)
+            assert all(0 <= lab < len(order) for lab in ex.labels)
+
+
+def test_jitter_keeps_mask_on_image_and_bbox_scales():
+    h, w, size = 60, 80, 256
+    image = np.zeros((h, w, 3), np.uint8)
+    image[...] = (0, 0, 255)
+    image[20:40, 30:60] = (255, 0, 0)
+    mask = np.zeros((1, h, w), bool)
+    mask[0, 20:40, 30:60] = True
+    scales = []
+    for seed in range(12):
+        jit = large_scale_jitter(image, mask, rng(seed), size)
+        scales.append(jit.scale)
+        ry, rx = jit.ratio
+        oy, ox = jit.offset
+        ys, xs = np.nonzero(jit.masks[0])
+        if len(ys) == 0:
+            continue
+        # the box scales with the jitter factor (up to the crop window and one pixel of rounding)
+        ch, cw = jit.valid_size
+        exp = [max(0, 20 * ry - oy), min(ch, 40 * ry - oy), max(0, 30 * rx - ox), min(cw, 60 * rx - ox)]
+        got = [ys.min(), ys.max() + 1, xs.min(), xs.max() + 1]
+        assert np.allclose(got, exp, atol=1.0), (jit.scale, got, exp)
+        assert abs(ry * h - size * jit.scale * h / w) <= 1.0  # longest side (w) -> size * scale
+        # the image moved with the mask: the half-intensity edge of the (bilinear) red box lies within one
+        # pixel of the (nearest) mask's edge
+        ry_, rx_ = np.nonzero(jit.image[:ch, :cw, 0] > 127)
+        assert np.allclose([ry_.min(), ry_.max() + 1, rx_.min(), rx_.max() + 1], got, atol=1.0)
+        assert jit.image[jit.masks[0]][:, 0].mean() > 200
+        assert jit.image[:ch, :cw][~jit.masks[0][:ch, :cw]][:, 0].mean() < 60
+    assert min(scales) < 0.6 and max(scales) > 1.2 and all(0.1 <= s <= 2.0 for s in scales)
+
+
+def test_collate_s1_and_forward(shards):
+    from xsam.model.builder import build_model
+    from xsam.model.stages import STAGES
+
+    data, ls = shards
+    cfg = tiny()
+    fmt = Formatter("s1", ls, sam_size=cfg.sam.image_size)
+    items = [f for i, (s, img) in enumerate(data["fixture_coco_panoptic"][:3]) for f in fmt(s, img, rng(i))]
+    pixels, targets = collate_s1(items, cfg)
+    size = cfg.sam.image_size
+    assert pixels.shape == (3, 3, size, size) and len(targets) == 3
+    for f, x, t in zip(items, pixels, targets):
+        h, w = f.valid_size
+        assert (x[:, h:] == 0).all() and (x[:, :, w:] == 0).all()
+        expect = (torch.from_numpy(f.example.image[:h, :w]).permute(2, 0, 1).float()
+                  - torch.tensor(SAM_MEAN)[:, None, None]) / torch.tensor(SAM_STD)[:, None, None]
+        assert torch.allclose(x[:, :h, :w], expect)
+        assert t["labels"].tolist() == f.example.labels and t["masks"].shape == (len(f.example.labels), size, size)
+        assert t["masks"].dtype == torch.bool and torch.equal(t["masks"], torch.from_numpy(f.example.masks))
+    torch.manual_seed(0)
+    model = build_model(cfg, STAGES["s1"].parts)
+    losses, _ = model.forward_s1(pixels, targets)
+    assert torch.isfinite(losses["total"])
+
+
+# --------------------------------------------------------------------------- the rest
+def test_every_task_collates(shards, tmp_path):
+    """The examples go through the model's collate (tiny tokenizer): placeholders and spans line up."""
+    data, ls = shards
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    cfg = tiny()
+    fmt = Formatter("s3", ls, max_negatives=8)
+    for items in data.values():
+        outs = [f for i, (s, img) in enumerate(items) for f in fmt(s, img, rng(i))]
+        by_mode: dict = {}
+        for f in outs:
+            by_mode.setdefault(f.mode, []).append(f.example)
+        for mode, exs in by_mode.items():
+            batch = collate(exs, mode, tok, cfg)
+            for b, ex in enumerate(exs):
+                ids = batch.input_ids[b].tolist()
+                assert ids.count(-200) == 1
+                assert ids.count(-300) == (0 if ex.region_masks is None else len(ex.region_masks))
+            if mode is DecodeMode.per_phrase:
+                assert len(batch.targets) == sum(len(ex.masks) for ex in exs)
+            elif mode is DecodeMode.per_sample:
+                for ex, t in zip(exs, batch.targets):
+                    spans = sum(len(names_in(q + a)) + q.count("<region>") for q, a in ex.turns)
+                    assert t["labels"].numel() == 0 or int(t["labels"].max()) < max(spans, 1)
+
+
+def test_image_decode_ignores_exif_orientation():
+    image = np.zeros((20, 50, 3), np.uint8)
+    data = encode_image(image, exif_orientation=6)  # "rotate 90": a viewer would show 50 x 20 upright
+    assert decode_image(data).shape == (20, 50, 3)
+    s = hand_sample(Task.chat, 50, 20, [])
+    with pytest.raises(ValueError, match="record says"):
+        decode_image(data, s)
+
+
+def test_empty_results(shards):
+    data, ls = shards
+    fmt = Formatter("s3", ls)
+    eval_gcg = hand_sample(Task.gcg, 10, 10, [], gcg=GroundedCaption(caption="A caption.", phrases=[]))
+    assert fmt(eval_gcg, encode_image(np.zeros((10, 10, 3), np.uint8)), rng(0)) == []
+    no_pos = hand_sample(Task.generic_seg, 10, 10, [], label_space="x")
+    assert Formatter("s3", {"x": [{"id": 1, "name": "a"}]})(no_pos, encode_image(np.zeros((10, 10, 3), np.uint8)),
+                                                             rng(0)) == []
+    with pytest.raises(ValueError, match="label space"):
+        Formatter("s3", {})(data["fixture_coco_panoptic"][0][0], data["fixture_coco_panoptic"][0][1], rng(0))

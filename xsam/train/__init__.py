@@ -1,0 +1,1 @@
+"""Training-side data handling: per-read formatting of stored samples and augmentation."""
