@@ -1,0 +1,144 @@
+"""The training loader: a rank's batches from a Schedule over a ShardIndex, resumable at any step.
+
+    loader = Loader(index, schedule, rank, format_fn, collate_fn, seed, start=(epoch, step))
+    for (epoch, step), dataset, batch in loader:
+        ...
+        checkpoint["loader"] = loader.state()      # the next (epoch, step) to run
+
+Iteration crosses epochs (forever, or until `num_epochs`). Each sample's randomness (category
+negatives, templates, sentence choice, ...) comes from
+
+    rng = np.random.default_rng([seed, epoch, global position of the sample in the epoch])
+
+with global position = step * G + rank * batch_per_rank + slot, so the content of a step depends
+only on (seed, epoch, step, rank): a resumed run reproduces exactly what an uninterrupted run
+would have produced, and the same position never gets the same draw twice.
+
+format_fn(sample, image_bytes, rng) -> list of formatted items (a sample may give several, e.g.
+referring chunks); collate_fn(items) -> batch.
+
+Prefetch: with `prefetch > 0` a pool of `threads` background threads builds up to `prefetch`
+whole batches ahead; batches are handed out in schedule order regardless of which finishes first,
+so the output is identical with or without prefetch. An exception in a worker is re-raised at the
+batch it belongs to. `state()` always names the batch after the last one YIELDED (not the last one
+prefetched).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from xsam.train.sampling import Schedule
+from xsam.train.shard_index import ShardIndex
+
+Position = tuple[int, int]  # (epoch, step)
+
+
+class Loader:
+    def __init__(self, index: ShardIndex, schedule: Schedule, rank: int,
+                 format_fn: Callable[[Any, bytes, np.random.Generator], list],
+                 collate_fn: Callable[[list], Any], seed: int, start: Position = (0, 0), *,
+                 num_epochs: int | None = None, prefetch: int = 0, threads: int = 1):
+        missing = set(schedule.counts) - set(index.refs)
+        if missing:
+            raise ValueError(f"schedule datasets not in the index: {sorted(missing)}")
+        for d, n in schedule.counts.items():
+            if len(index.refs[d]) != n:
+                raise ValueError(f"{d}: schedule counts {n} samples, the index {len(index.refs[d])}")
+        if not 0 <= rank < schedule.world_size:
+            raise ValueError(f"rank {rank} not in [0, {schedule.world_size})")
+        self.index = index
+        self.schedule = schedule
+        self.rank = rank
+        self.format_fn = format_fn
+        self.collate_fn = collate_fn
+        self.seed = seed
+        self.num_epochs = num_epochs
+        self.prefetch = max(0, prefetch)
+        self.threads = max(1, threads)
+        self._next = self._normalise(tuple(start))
+
+    # ------------------------------------------------------------ positions
+
+    def _normalise(self, pos: Position) -> Position:
+        epoch, step = pos
+        if epoch < 0 or step < 0:
+            raise ValueError(f"bad position {pos}")
+        while step >= self.schedule.steps_per_epoch(epoch):
+            step -= self.schedule.steps_per_epoch(epoch)
+            epoch += 1
+        return epoch, step
+
+    def state(self) -> Position:
+        """The (epoch, step) the next batch will have: pass it as `start` to resume."""
+        return self._next
+
+    def positions(self, start: Position) -> Iterator[Position]:
+        epoch, step = self._normalise(start)
+        while self.num_epochs is None or epoch < self.num_epochs:
+            steps = self.schedule.steps_per_epoch(epoch)
+            for s in range(step, steps):
+                yield epoch, s
+            epoch, step = epoch + 1, 0
+
+    # ------------------------------------------------------------ one batch
+
+    def build(self, pos: Position) -> tuple[str, Any]:
+        """(dataset, collated batch) of this rank at `pos`: a pure function of the position."""
+        epoch, step = pos
+        gb = self.schedule.epoch(epoch)[step]
+        b = self.schedule.batch_per_rank
+        first = step * self.schedule.global_batch + self.rank * b
+        refs = self.index.refs[gb.dataset]
+        items: list = []
+        for slot, i in enumerate(gb.indices[self.rank * b:(self.rank + 1) * b]):
+            sample, image = self.index.read(refs[i])
+            rng = np.random.default_rng([self.seed, epoch, first + slot])
+            items.extend(self.format_fn(sample, image, rng))
+        return gb.dataset, self.collate_fn(items)
+
+    # ------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[tuple[Position, str, Any]]:
+        positions = self.positions(self._next)
+        if self.prefetch == 0:
+            for pos in positions:
+                dataset, batch = self.build(pos)
+                self._advance(pos)
+                yield pos, dataset, batch
+            return
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"loader-r{self.rank}")
+        pending: deque[tuple[Position, Future]] = deque()
+        try:
+            for pos in positions:
+                pending.append((pos, pool.submit(self.build, pos)))
+                if len(pending) > self.prefetch:
+                    yield self._pop(pending)
+            while pending:
+                yield self._pop(pending)
+        finally:  # also on early exit (break / close): drop what is queued, wait for what runs
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _pop(self, pending: deque) -> tuple[Position, str, Any]:
+        pos, fut = pending.popleft()
+        dataset, batch = fut.result()
+        self._advance(pos)
+        return pos, dataset, batch
+
+    def _advance(self, pos: Position) -> None:
+        epoch, step = pos
+        self._next = self._normalise((epoch, step + 1))
+
+    def __len__(self) -> int:
+        """Steps left until `num_epochs` (only when it is set)."""
+        if self.num_epochs is None:
+            raise TypeError("an endless loader has no length: set num_epochs")
+        epoch, step = self._next
+        return sum(self.schedule.steps_per_epoch(e) for e in range(epoch, self.num_epochs)) - step
