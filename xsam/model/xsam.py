@@ -60,6 +60,14 @@ class XSAMBatch:
     targets: list[dict[str, Tensor]] = field(default_factory=list)
 
 
+@dataclass
+class S1Batch:
+    """An S1 batch: SAM views and targets whose labels index the label space (no text)."""
+
+    sam_pixels: Tensor  # [B, 3, I, I]
+    targets: list[dict[str, Tensor]] = field(default_factory=list)
+
+
 class Segmentor(nn.Module):
     """Connector + pixel decoder + masked-attention decoder, with both classification heads."""
 
@@ -103,6 +111,14 @@ class XSAM(nn.Module):
         lc = cfg.loss
         self.criterion = SetCriterion(HungarianMatcher(lc.class_weight, lc.mask_weight, lc.dice_weight, lc.num_points), lc)
         self.special_ids: dict[str, int] = {}  # "<SEG>", "<p>", "</p>" -> id, set by the builder
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute activations in the backward pass: SAM blocks, SigLIP layers, LLM layers."""
+        self.sam.gradient_checkpointing = True
+        if self.siglip is not None:
+            self.siglip.gradient_checkpointing = True
+        if self.llm is not None:
+            self.llm.enable_gradient_checkpointing()
 
     def unused_prefixes(self) -> tuple[str, ...]:
         """Parameters that exist for checkpoint compatibility but never feed an output."""
@@ -194,8 +210,11 @@ class XSAM(nn.Module):
         classify = partial(self.segmentor.cosine, cond=cond, cond_mask=cond_mask)
         return lm_loss, hidden, self.segmentor.decode(mask_features, multi_scale, classify, query_bias)
 
-    def forward(self, batch: XSAMBatch) -> tuple[dict[str, Tensor], dict | None]:
-        """Teacher-forced training step: total = LM cross-entropy + segmentation losses."""
+    def forward(self, batch: XSAMBatch | S1Batch) -> tuple[dict[str, Tensor], dict | None]:
+        """Teacher-forced training step: total = LM cross-entropy + segmentation losses
+        (an S1Batch: the segmentor's losses with the linear head)."""
+        if isinstance(batch, S1Batch):
+            return self.forward_s1(batch.sam_pixels, batch.targets)
         lm_loss, hidden, outputs = self.decode(batch)
         losses: dict[str, Tensor] = {"lm": lm_loss if lm_loss is not None else hidden.sum() * 0}
         if outputs is not None:

@@ -1,0 +1,130 @@
+"""Training configuration: one flat dataclass per stage run, resolved from a profile YAML.
+
+A profile (pipelines/profiles/<name>.yaml) has top-level defaults and a `stages:` section with one
+mapping per stage; a run's config = defaults <- stages.<stage> <- command-line `key=value`
+overrides (values parsed as YAML, so `lr=2e-4`, `datasets=[a/train,b/train]`, `bf16=true` work).
+An unknown key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    stage: str  # s1 | s2 | s3
+    preset: str = "tiny"  # xsam.model.config preset
+    shards: str = ".cache/xsam/shards"  # converted shards root (local or s3://)
+    datasets: list[str] = field(default_factory=list)  # "dataset/split" entries of the stage's mix
+    weights: dict[str, str] = field(default_factory=dict)  # sam / siglip / llm / tokenizer locations
+    init_from: list[str] = field(default_factory=list)  # exported checkpoints of earlier stages
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    batch_per_rank: int = 1
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # cap on optimizer steps (None: the epochs decide)
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine (with linear warmup) | multistep
+    warmup_ratio: float = 0.03
+    milestones: list[float] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
+    gamma: float = 0.1
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    balance_t: float = 0.1  # dataset balancing temperature t of r_d = max(1, sqrt(t / f_d))
+    seed: int = 1024
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker-group restarts (from the last checkpoint) before the run fails
+    log_every: int = 1
+    output: str = ".cache/xsam/runs"  # Ray Train storage path (local or s3://bucket/prefix)
+    run_name: str | None = None  # default: xsam-<stage>; the same name resumes the same run
+    export: str | None = None  # consolidated checkpoint folder (default <output>/<run_name>/export)
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "xsam"
+    mlflow_run_id: str | None = None  # set by the driver so restarted workers log to the same run
+    fail_at_step: int | None = None  # fault injection (tests): the last rank raises once at this step
+    trace: str | None = None  # folder for per-rank JSONL traces of the consumed sample keys (tests)
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"xsam-{self.stage}"
+
+    @property
+    def export_dir(self) -> str:
+        return self.export or f"{self.output.rstrip('/')}/{self.name}/export"
+
+    def with_absolute_paths(self, base: str | Path) -> "TrainConfig":
+        """Local paths made absolute against `base` (workers do not run in the driver's folder)."""
+        def fix(p: str | None) -> str | None:
+            if p is None or "://" in p or Path(p).is_absolute():
+                return p
+            return str((Path(base) / p).resolve())
+
+        uri = self.mlflow_uri
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + fix(uri[len("sqlite:///"):])
+        return dataclasses.replace(
+            self, shards=fix(self.shards), output=fix(self.output), export=fix(self.export), trace=fix(self.trace),
+            weights={k: fix(v) for k, v in self.weights.items()}, init_from=[fix(p) for p in self.init_from],
+            mlflow_uri=uri)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(mapping: dict, where: str) -> None:
+    unknown = sorted(set(mapping) - _FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown training setting(s) {', '.join(unknown)}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    _check_keys(out, "command line")
+    return out
+
+
+def load_profile(path: str | Path, stage: str, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text()) or {}
+    stages = doc.pop("stages", {}) or {}
+    if stage not in stages:
+        raise ValueError(f"{path}: no stages.{stage} section (has: {', '.join(sorted(stages)) or 'none'})")
+    _check_keys(doc, str(path))
+    _check_keys(stages[stage] or {}, f"{path}: stages.{stage}")
+    merged = {**doc, **(stages[stage] or {}), **parse_overrides(overrides or []), "stage": stage}
+    if "betas" in merged:
+        merged["betas"] = tuple(merged["betas"])
+    return TrainConfig(**merged)
+
+
+def profile_path(name_or_path: str) -> Path:
+    """A profile name (pipelines/profiles/<name>.yaml) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = Path(__file__).resolve().parents[2] / "pipelines" / "profiles" / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        raise FileNotFoundError(f"no profile {name_or_path!r} (looked for {candidate})")
+    return candidate

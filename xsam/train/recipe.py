@@ -1,0 +1,299 @@
+"""One training stage as a readable recipe: setup, train step, checkpoint, export, cleanup.
+
+Runs on every worker of a data-parallel group (torch.distributed initialised by the launcher:
+Ray Train in pipelines/train.py). The launcher passes a `Session` - how to report metrics and
+checkpoints and where the last checkpoint is - so this module has no Ray in it.
+
+    recipe = StageRecipe(cfg, session)
+    recipe.setup()      # model for the stage (+ earlier stages' exports), data, DeepSpeed, resume
+    recipe.train()      # steps until the epochs / max_steps are done, checkpoint every N steps
+    recipe.export()     # consolidated safetensors + config + key manifest for the next stage
+    recipe.cleanup()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from xsam.data import storage
+from xsam.model.batching import collate
+from xsam.model.builder import WeightPaths, build_xsam
+from xsam.model.checkpoint import export_state, load_stage_checkpoint
+from xsam.model.stages import STAGES, param_groups
+from xsam.model.xsam import DecodeMode, S1Batch, XSAMBatch
+from xsam.train.config import TrainConfig
+from xsam.train.formatting import Formatter, collate_s1
+from xsam.train.loader import Loader
+from xsam.train.sampling import Schedule
+from xsam.train.shard_index import ShardIndex
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None: ...
+
+    def latest_checkpoint(self) -> AbstractContextManager[str | None]: ...
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by `fail_at_step` (fault-tolerance tests)."""
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: float):
+    """Multiplier of the base lr at optimizer step k: linear warmup + cosine, or multistep."""
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def cosine(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        progress = (k - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def multistep(k: int) -> float:
+        return cfg.gamma ** sum(k >= m * steps_per_epoch for m in cfg.milestones)
+
+    return multistep if cfg.schedule == "multistep" else cosine
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    return {"train_micro_batch_size_per_gpu": cfg.batch_per_rank, "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.grad_clip, "zero_optimization": zero, "bf16": {"enabled": cfg.bf16},
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _to(batch, device: torch.device):
+    """Move a batch's tensors (XSAMBatch or S1Batch) to `device` in place."""
+    for name, value in vars(batch).items():
+        if torch.is_tensor(value):
+            setattr(batch, name, value.to(device))
+        elif isinstance(value, list):
+            setattr(batch, name, [v.to(device) if torch.is_tensor(v) else
+                                  {k: t.to(device) for k, t in v.items()} if isinstance(v, dict) else v
+                                  for v in value])
+    return batch
+
+
+class StageRecipe:
+    def __init__(self, cfg: TrainConfig, session: Session):
+        self.cfg = cfg
+        self.session = session
+        self.policy = STAGES[cfg.stage]
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+        self.step = 0  # optimizer steps done
+        self.micro = 0  # micro-batches done
+        self.seen: Counter[str] = Counter()  # samples per source
+        self.init_reports: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        w = cfg.weights
+        built = build_xsam(cfg.preset, self.policy, WeightPaths(sam=w.get("sam"), siglip=w.get("siglip"),
+                                                                 llm=w.get("llm"), tokenizer=w.get("tokenizer")))
+        self.model, self.tokenizer, self.model_cfg = built.model, built.tokenizer, built.model.cfg
+        self.init_reports = {k: str(v) for k, v in built.reports.items()}
+        for folder in cfg.init_from:
+            with _local_copy(folder) as local:
+                self.init_reports[f"init:{folder}"] = str(load_stage_checkpoint(self.model, local, self.policy))
+        if cfg.activation_checkpointing:
+            self.model.enable_activation_checkpointing()
+        self.model.to(self.device)
+
+        datasets = [tuple(d.split("/", 1)) for d in cfg.datasets]
+        self.index = ShardIndex.build(cfg.shards, datasets)
+        self.schedule = Schedule(self.index.counts(), t=cfg.balance_t, batch_per_rank=cfg.batch_per_rank,
+                                 world_size=self.session.world_size, seed=cfg.seed)
+        self.formatter = Formatter(cfg.stage, self.index.label_spaces(), sam_size=self.model_cfg.sam.image_size)
+        self.steps_per_epoch = self.schedule.steps_per_epoch(0)
+        micro_total = sum(self.schedule.steps_per_epoch(e) for e in range(int(cfg.epochs)))
+        micro_total += int((cfg.epochs % 1) * self.steps_per_epoch)
+        self.total_steps = max(1, micro_total // cfg.grad_accum)
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+        groups = param_groups(self.model, self.policy, cfg.lr, cfg.weight_decay)
+        for g in groups:
+            g.pop("names")
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg, self.total_steps, self.steps_per_epoch / cfg.grad_accum))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+            dist_init_required=False)
+        start = (0, 0)
+        with self.session.latest_checkpoint() as ckpt:
+            if ckpt is not None:
+                self.engine.load_checkpoint(ckpt, tag="ds")
+                state = json.loads(Path(ckpt, "state.json").read_text())
+                self.step, self.micro, start = state["step"], state["micro"], tuple(state["loader"])
+                self.seen = Counter(state["seen"])
+        self.loader = Loader(self.index, self.schedule, self.session.rank, self.format_sample, self.collate,
+                             cfg.seed, start=start, prefetch=2, threads=1)
+
+    def format_sample(self, sample, image_bytes, rng):
+        return self.formatter(sample, image_bytes, rng)
+
+    def collate(self, items):
+        if self.cfg.stage == "s1":
+            sam_pixels, targets = collate_s1(items, self.model_cfg)
+            return S1Batch(sam_pixels=sam_pixels, targets=targets)
+        modes = {f.mode for f in items}
+        if len(modes) != 1:
+            raise ValueError(f"a batch mixes decode modes {modes}: batches must be single-task")
+        return collate([f.example for f in items], modes.pop(), self.tokenizer, self.model_cfg)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch) -> dict[str, float]:
+        losses, _ = self.engine(_to(batch, self.device))
+        self.engine.backward(losses["total"])
+        self.engine.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def train(self) -> None:
+        cfg = self.cfg
+        sums: dict[str, float] = defaultdict(float)
+        count, tokens, samples, t0 = 0, 0, 0, time.perf_counter()
+        trace = self._trace_file()
+        for (epoch, pos_step), dataset, batch in self.loader:
+            if self.step >= self.total_steps:
+                break
+            if cfg.fail_at_step is not None and self.step == cfg.fail_at_step and \
+                    self.session.rank == self.session.world_size - 1 and not _already_failed(cfg):
+                raise InjectedFailure(f"injected failure at step {self.step} on rank {self.session.rank}")
+            if trace is not None:
+                trace.write(json.dumps({"step": self.step, "epoch": epoch, "pos": pos_step, "dataset": dataset,
+                                        "keys": self._keys(epoch, pos_step)}) + "\n")
+                trace.flush()
+            n = batch.sam_pixels.shape[0]
+            for k, v in self.train_step(batch).items():
+                sums[k] += v
+            count += 1
+            samples += n
+            tokens += sum(len(t) for t in getattr(batch, "input_ids", []))
+            self.seen[dataset] += n * self.session.world_size
+            self.micro += 1
+            if self.micro % cfg.grad_accum:
+                continue
+            self.step += 1
+            done = self.step >= self.total_steps
+            if self.step % cfg.log_every == 0 or done or self.step % cfg.checkpoint_every == 0:
+                dt = max(time.perf_counter() - t0, 1e-9)
+                metrics = {f"loss/{k}": v / count for k, v in sums.items()}
+                metrics.update({"lr": self.scheduler.get_last_lr()[0], "step": self.step, "epoch": epoch,
+                                "samples_per_s": samples * self.session.world_size / dt,
+                                "tokens_per_s": tokens * self.session.world_size / dt})
+                metrics.update({f"seen/{d}": float(c) for d, c in self.seen.items()})
+                ckpt = self.step % cfg.checkpoint_every == 0 or done
+                self._report(metrics, ckpt)
+                sums.clear()
+                count, tokens, samples, t0 = 0, 0, 0, time.perf_counter()
+            if done:
+                break
+        if trace is not None:
+            trace.close()
+
+    def _keys(self, epoch: int, step: int) -> list[str]:
+        gb = self.schedule.epoch(epoch)[step]
+        b = self.schedule.batch_per_rank
+        refs = self.index.refs[gb.dataset]
+        return [refs[i].key for i in gb.indices[self.session.rank * b:(self.session.rank + 1) * b]]
+
+    def _trace_file(self):
+        if not self.cfg.trace:
+            return None
+        Path(self.cfg.trace).mkdir(parents=True, exist_ok=True)
+        return open(Path(self.cfg.trace) / f"rank{self.session.rank}.jsonl", "a")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _report(self, metrics: dict[str, float], checkpoint: bool) -> None:
+        if not checkpoint:
+            self.session.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag="ds")
+            if self.session.rank == 0:
+                state = {"step": self.step, "micro": self.micro, "loader": list(self.loader.state()),
+                         "seen": dict(self.seen)}
+                Path(tmp, "state.json").write_text(json.dumps(state))
+            self.session.report(metrics, tmp)
+
+    def export(self) -> str | None:
+        """Consolidate the trained weights (a collective under ZeRO-3) and, on rank 0, write the
+        stage export: model.safetensors + manifest.json (+ the tokenizer for later stages)."""
+        if self.cfg.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if self.session.rank == 0 else None
+        if self.session.rank != 0:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            export_state(state, self.policy, self.model_cfg, tmp, extra={"train_config": self.cfg.to_dict(),
+                                                                          "init_reports": self.init_reports,
+                                                                          "data_fingerprint": self.index.fingerprint()})
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))
+            _publish(tmp, self.cfg.export_dir)
+        return self.cfg.export_dir
+
+    def cleanup(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def _already_failed(cfg: TrainConfig) -> bool:
+    """The injected failure fires once per run: a marker beside the trace / export says it did."""
+    marker = Path(cfg.trace or tempfile.gettempdir()) / f".failed-{cfg.name}"
+    if marker.exists():
+        return True
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("1")
+    return False
+
+
+class _local_copy(AbstractContextManager):
+    """A local folder holding `location` (downloaded when it is an s3:// prefix)."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.tmp = None
+
+    def __enter__(self) -> str:
+        if not storage.is_uri(self.location):
+            return self.location
+        self.tmp = tempfile.mkdtemp()
+        for loc in storage.list_files(self.location, recursive=True):
+            rel = loc[len(self.location.rstrip("/")) + 1:]
+            dest = Path(self.tmp, rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(storage.read_bytes(loc))
+        return self.tmp
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _publish(local_dir: str, location: str) -> None:
+    """Copy a finished local folder to `location` (a folder or s3:// prefix), manifest last."""
+    files = sorted((p for p in Path(local_dir).rglob("*") if p.is_file()), key=lambda p: p.name == "manifest.json")
+    for path in files:
+        storage.write_bytes_atomic(storage.join(location, str(path.relative_to(local_dir))), path.read_bytes())
