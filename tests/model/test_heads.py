@@ -43,7 +43,7 @@ def test_scale_is_clamped_and_learned():
     torch.testing.assert_close(logits, 50.0 * cos)
     paper_cfg = paper().decoder
     head = CosineClassifier(paper_cfg.hidden_dim, paper_cfg.logit_scale_init, paper_cfg.logit_scale_clamp)
-    assert isinstance(head.logit_scale, torch.nn.Parameter) and head.logit_scale.dim() == 0
+    assert isinstance(head.logit_scale, torch.nn.Parameter) and head.logit_scale.shape == (1,)
     torch.testing.assert_close(head.scale(), torch.tensor(1 / 0.07))
     # below the clamp the scale gets a gradient; above it, none
     q, c, m, bg, _ = hand_made()

@@ -55,5 +55,8 @@ def load_stage_checkpoint(model: nn.Module, folder: str | Path, policy: StagePol
     manifest = read_manifest(folder)
     if set(manifest["keys"]) != set(state):
         raise ValueError(f"{folder}: manifest and tensors disagree on {len(set(manifest['keys']) ^ set(state))} keys")
-    return load_checked(model, state, allow_mismatch=allow_mismatch, ignore_unexpected=policy.drops_on_load,
+    # keys of parts this stage does not build (e.g. S1's segmentor when S2 takes S1's SAM) are skipped
+    built = {name for name, _ in model.named_children()}
+    absent = tuple(sorted({k.split(".", 1)[0] for k in state} - built))
+    return load_checked(model, state, allow_mismatch=allow_mismatch, ignore_unexpected=policy.drops_on_load + absent,
                         strict_missing=False)
