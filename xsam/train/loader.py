@@ -97,9 +97,17 @@ class Loader:
         refs = self.index.refs[gb.dataset]
         items: list = []
         for slot, i in enumerate(gb.indices[self.rank * b:(self.rank + 1) * b]):
-            sample, image = self.index.read(refs[i])
-            rng = np.random.default_rng([self.seed, epoch, first + slot])
-            items.extend(self.format_fn(sample, image, rng))
+            # a sample with nothing to learn from (e.g. only crowd regions) formats to []: take the next
+            # sample of the same dataset instead, deterministically, so every rank still fills its batch
+            for attempt in range(len(refs)):
+                sample, image = self.index.read(refs[(i + attempt) % len(refs)])
+                rng = np.random.default_rng([self.seed, epoch, first + slot] + ([attempt] if attempt else []))
+                formatted = self.format_fn(sample, image, rng)
+                if formatted:
+                    items.extend(formatted)
+                    break
+            else:
+                raise ValueError(f"{gb.dataset}: no sample of the dataset gives a training example")
         return gb.dataset, self.collate_fn(items)
 
     # ------------------------------------------------------------ iteration
