@@ -44,7 +44,7 @@ def test_siglip_gradient_checkpointing_same_result():
 def test_sam_tiny_shapes_and_names():
     cfg = config.tiny().sam
     enc = SamEncoder(cfg)
-    outs = enc(torch.randn(2, 3, cfg.image_size, cfg.image_size))
+    outs = enc.features(torch.randn(2, 3, cfg.image_size, cfg.image_size))
     assert sorted(outs) == sorted(set(cfg.connector_blocks + (cfg.projector_block,))) == [2, 3, 4]
     for v in outs.values():
         assert v.shape == (2, cfg.grid, cfg.grid, cfg.embed_dim) == (2, 8, 8, 32)
@@ -59,7 +59,7 @@ def test_sam_runs_only_needed_blocks():
     ran = []
     for i, blk in enumerate(enc.blocks):
         blk.register_forward_hook(lambda m, a, o, i=i: ran.append(i + 1))
-    outs = enc(torch.randn(1, 3, cfg.image_size, cfg.image_size))
+    outs = enc.features(torch.randn(1, 3, cfg.image_size, cfg.image_size))
     assert ran == [1, 2] and sorted(outs) == [1, 2]
 
 
@@ -68,9 +68,9 @@ def test_sam_gradient_checkpointing_same_result():
     torch.manual_seed(0)
     enc = SamEncoder(cfg).train()
     pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size)
-    ref = enc(pixels)[4]
+    ref = enc.features(pixels)[4]
     enc.gradient_checkpointing = True
-    out = enc(pixels)[4]
+    out = enc.features(pixels)[4]
     out.square().sum().backward()
     assert torch.allclose(out, ref)
     assert enc.blocks[0].attn.qkv.weight.grad is not None
@@ -82,7 +82,7 @@ def test_paper_sizes_on_meta():
         sam = SamEncoder(cfg.sam)
         siglip = SiglipEncoder(cfg.siglip)
         vit_l = sam_model_registry["vit_l"]().image_encoder
-        sam_out = sam(torch.empty(1, 3, 1024, 1024))
+        sam_out = sam.features(torch.empty(1, 3, 1024, 1024))
         siglip_out = siglip(torch.empty(1, 3, 384, 384))
     neck = n_params(vit_l.neck)
     assert n_params(vit_l) == 308_278_272  # segment-anything ViT-L image encoder, 308.3M

@@ -111,16 +111,22 @@ class SamEncoder(nn.Module):
         self.blocks = vit.blocks
         self.gradient_checkpointing = False
 
-    def forward(self, pixels: Tensor) -> dict[int, Tensor]:
-        """pixels [B, 3, I, I] (SAM-normalised, zero-padded) -> {block: [B, g, g, embed_dim]}, g = I / patch."""
+    def forward(self, pixels: Tensor) -> tuple[Tensor, ...]:
+        """pixels [B, 3, I, I] (SAM-normalised, zero-padded) -> one [B, g, g, embed_dim] per block of
+        `out_blocks`, in that order (g = I / patch). A tuple, not a dict keyed by block number:
+        DeepSpeed ZeRO-3's module hooks only accept tensors, sequences or string-keyed outputs."""
         size = self.cfg.image_size
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (size, size):
             raise ValueError(f"SamEncoder expects [B, 3, {size}, {size}], got {tuple(pixels.shape)}")
         x = self.patch_embed(pixels) + self.pos_embed  # [B, g, g, C]
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        outs: dict[int, Tensor] = {}
+        outs: list[Tensor] = []
         for number, blk in enumerate(self.blocks[: self.out_blocks[-1]], start=1):
             x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
             if number in self.out_blocks:
-                outs[number] = x
-        return outs
+                outs.append(x)
+        return tuple(outs)
+
+    def features(self, pixels: Tensor) -> dict[int, Tensor]:
+        """{1-indexed block number: [B, g, g, embed_dim]} for every block in `out_blocks`."""
+        return dict(zip(self.out_blocks, self(pixels)))

@@ -126,7 +126,7 @@ class XSAM(nn.Module):
 
     # -- S1: the segmentor alone, linear 134-way head ---------------------------------------------
     def forward_s1(self, sam_pixels: Tensor, targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict]:
-        mask_features, multi_scale = self.segmentor.features(self.sam(sam_pixels))
+        mask_features, multi_scale = self.segmentor.features(self.sam.features(sam_pixels))
         outputs = self.segmentor.decode(mask_features, multi_scale, self.segmentor.s1_head, None)
         losses = self.criterion(outputs, targets)
         losses["total"] = sum(losses.values())
@@ -199,7 +199,7 @@ class XSAM(nn.Module):
 
     def decode(self, batch: XSAMBatch) -> tuple[Tensor | None, Tensor, dict | None]:
         """-> (lm_loss, hidden [B, T', D], decoder outputs for the batch's decoder items or None)."""
-        sam_feats = self.sam(batch.sam_pixels)
+        sam_feats = self.sam.features(batch.sam_pixels)
         lm_loss, hidden, token_ids = self.run_llm(batch, sam_feats)
         if batch.mode is DecodeMode.none:
             return lm_loss, hidden, None
@@ -225,5 +225,5 @@ class XSAM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: XSAMBatch, max_new_tokens: int, eos_id: int) -> list[list[int]]:
         """Greedy continuation of each sample's prompt (its input_ids hold the prompt only)."""
-        embeds, _, _, attention_mask = self.embed_inputs(batch, self.sam(batch.sam_pixels))
+        embeds, _, _, attention_mask = self.embed_inputs(batch, self.sam.features(batch.sam_pixels))
         return self.llm.generate_greedy(embeds, attention_mask, max_new_tokens, eos_id)
