@@ -1,0 +1,1 @@
+"""Evaluation metrics as mergeable accumulators (semantic, instance, referring, GCG, interactive)."""

@@ -1,0 +1,219 @@
+"""Instance segmentation AP (COCO ``segm``) as a mergeable accumulator.
+
+Per image, `InstanceAccumulator.add` takes the ground-truth instances and the predicted instances;
+`result()` builds in-memory COCO objects and runs pycocotools' ``COCOeval(iouType="segm")`` with its
+default parameters (10 IoU thresholds 0.50:0.95, 101 recall points, maxDets 100, COCO area ranges).
+The numbers are the ones ``COCOeval.summarize()`` prints, in percent:
+
+    AP    IoU 0.50:0.95, all areas          AP50  IoU 0.50          AP75  IoU 0.75
+    APs   small  (area < 32^2)              APm   medium            APl   large (area > 96^2)
+
+Conventions (those of pycocotools, kept on purpose):
+- crowd ground truth (``iscrowd=1``) is ignored: a prediction matched to it is neither a true nor a
+  false positive, and it does not count as a positive to recall;
+- a category with ground truth in the split but no prediction has AP 0; a category with no
+  (non-crowd) ground truth in the split is left out of the mean;
+- a metric COCO leaves undefined (``-1``: no ground truth at all, or none in an area range) is NaN here;
+- images with no ground truth still count: their predictions are false positives.
+
+``class_agnostic=True`` maps every ground truth and prediction to one category (GCG AP50, and VGD
+where the caller keeps one accumulator per prompt type). Merging two accumulators with ``+``
+concatenates their images, so ``a + b`` gives the same numbers as adding all images to one.
+
+Masks are COCO RLE dicts (``{"size": [h, w], "counts": str|bytes}``), `xsam.data.schema.RLE`
+objects, or (H, W) bool / uint8 arrays (encoded here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+PRIMARY_METRIC = "AP"
+_AGNOSTIC_CATEGORY = 1
+
+
+def to_rle(mask: Any) -> dict:
+    """A mask-like (RLE dict, schema RLE, or (H, W) array) -> pycocotools RLE with bytes counts."""
+    if isinstance(mask, np.ndarray):
+        if mask.ndim != 2:
+            raise ValueError(f"a mask array must be (H, W), got shape {mask.shape}")
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+        return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
+    if hasattr(mask, "size") and hasattr(mask, "counts") and not isinstance(mask, Mapping):
+        mask = {"size": mask.size, "counts": mask.counts}
+    if not isinstance(mask, Mapping) or "size" not in mask or "counts" not in mask:
+        raise TypeError(f"expected an RLE dict or a mask array, got {type(mask).__name__}")
+    counts = mask["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    elif not isinstance(counts, bytes):
+        raise TypeError("RLE counts must be the compressed string (str or bytes)")
+    return {"size": [int(mask["size"][0]), int(mask["size"][1])], "counts": counts}
+
+
+def _check_size(records: list[dict], size: tuple[int, int] | None) -> tuple[int, int] | None:
+    for r in records:
+        s = (r["segmentation"]["size"][0], r["segmentation"]["size"][1])
+        if size is None:
+            size = s
+        elif s != size:
+            raise ValueError(f"masks of one image have different sizes: {size} and {s}")
+    return size
+
+
+class InstanceAccumulator:
+    """COCO segm AP over a split, accumulated image by image.
+
+    categories: the split's category ids (ints); ignored with ``class_agnostic=True``.
+    """
+
+    metric_names = METRIC_NAMES
+    primary_metric = PRIMARY_METRIC
+
+    def __init__(self, categories: Iterable[int] | None = None, class_agnostic: bool = False):
+        self.class_agnostic = bool(class_agnostic)
+        if self.class_agnostic:
+            self.categories: tuple[int, ...] = (_AGNOSTIC_CATEGORY,)
+        else:
+            if categories is None:
+                raise ValueError("categories are required unless class_agnostic=True")
+            self.categories = tuple(sorted({int(c) for c in categories}))
+            if not self.categories:
+                raise ValueError("categories is empty")
+        self._category_set = frozenset(self.categories)
+        # one entry per image: (height, width) or None when the image has no mask, gts, preds
+        self._images: list[tuple[tuple[int, int] | None, list[dict], list[dict]]] = []
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def _category(self, item: Mapping) -> int:
+        if self.class_agnostic:
+            return _AGNOSTIC_CATEGORY
+        cat = int(item["category_id"])
+        if cat not in self._category_set:
+            raise ValueError(f"category_id {cat} is not one of the accumulator's categories")
+        return cat
+
+    def add(self, gts: Sequence[Mapping], preds: Sequence[Mapping]) -> None:
+        """Add one image.
+
+        gts:   [{"mask": ..., "category_id": int, "iscrowd": 0|1 (default 0), "area": (default: mask area)}]
+        preds: [{"mask": ..., "category_id": int, "score": float (default 1.0)}]
+        ``category_id`` may be left out with ``class_agnostic=True``.
+        """
+        gt_records = []
+        for g in gts:
+            rle = to_rle(g["mask"])
+            area = g.get("area")
+            gt_records.append({
+                "segmentation": rle,
+                "category_id": self._category(g),
+                "iscrowd": int(bool(g.get("iscrowd", 0))),
+                "area": float(mask_utils.area(rle) if area is None else area),
+            })
+        dt_records = []
+        for p in preds:
+            rle = to_rle(p["mask"])
+            score = float(p.get("score", 1.0))
+            if not math.isfinite(score):
+                raise ValueError(f"prediction score must be finite, got {score}")
+            dt_records.append({
+                "segmentation": rle,
+                "category_id": self._category(p),
+                "score": score,
+                "area": float(mask_utils.area(rle)),
+            })
+        size = _check_size(dt_records, _check_size(gt_records, None))
+        self._images.append((size, gt_records, dt_records))
+
+    def _check_compatible(self, other: InstanceAccumulator) -> None:
+        if not isinstance(other, InstanceAccumulator):
+            raise TypeError(f"cannot merge InstanceAccumulator with {type(other).__name__}")
+        if other.class_agnostic != self.class_agnostic or other.categories != self.categories:
+            raise ValueError("cannot merge InstanceAccumulators with different categories / modes")
+
+    def __add__(self, other: InstanceAccumulator) -> InstanceAccumulator:
+        self._check_compatible(other)
+        out = InstanceAccumulator(self.categories, self.class_agnostic)
+        out._images = self._images + other._images
+        return out
+
+    def __radd__(self, other: Any) -> InstanceAccumulator:
+        if other == 0:  # sum() starts from 0
+            return self
+        return NotImplemented
+
+    def _coco_objects(self) -> tuple[COCO, COCO]:
+        images, gt_anns, dt_anns = [], [], []
+        for index, (size, gts, dts) in enumerate(self._images):
+            image_id = index + 1
+            h, w = size if size is not None else (1, 1)
+            images.append({"id": image_id, "height": h, "width": w})
+            for g in gts:
+                gt_anns.append({**g, "id": len(gt_anns) + 1, "image_id": image_id,
+                                "bbox": [float(v) for v in mask_utils.toBbox(g["segmentation"])]})
+            for d in dts:  # ids start at 1: COCOeval uses 0 for "unmatched"
+                dt_anns.append({**d, "id": len(dt_anns) + 1, "image_id": image_id, "iscrowd": 0,
+                                "bbox": [float(v) for v in mask_utils.toBbox(d["segmentation"])]})
+        categories = [{"id": c, "name": str(c)} for c in self.categories]
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt, coco_dt = COCO(), COCO()
+            coco_gt.dataset = {"images": images, "annotations": gt_anns, "categories": categories}
+            coco_dt.dataset = {"images": images, "annotations": dt_anns, "categories": categories}
+            coco_gt.createIndex()
+            coco_dt.createIndex()
+        return coco_gt, coco_dt
+
+    def coco_eval(self) -> COCOeval:
+        """Run COCOeval (evaluate + accumulate) on everything added; for callers wanting more stats."""
+        if not self._images:
+            raise ValueError("no images were added")
+        coco_gt, coco_dt = self._coco_objects()
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.evaluate()
+            ev.accumulate()
+        return ev
+
+    def result(self) -> dict[str, float]:
+        """{"AP", "AP50", "AP75", "APs", "APm", "APl"} in percent; NaN where COCO gives -1."""
+        if not self._images:
+            return {k: float("nan") for k in METRIC_NAMES}
+        ev = self.coco_eval()
+        return summarize_segm(ev)
+
+
+def _mean_precision(ev: COCOeval, iou_thr: float | None, area: str) -> float:
+    p = ev.params
+    precision = ev.eval["precision"]  # [T, R, K, A, M]
+    a = p.areaRngLbl.index(area)
+    m = p.maxDets.index(max(p.maxDets))
+    if iou_thr is not None:
+        t = int(np.argmin(np.abs(p.iouThrs - iou_thr)))
+        precision = precision[t:t + 1]
+    s = precision[:, :, :, a, m]
+    valid = s[s > -1]
+    return float(np.mean(valid)) * 100.0 if valid.size else float("nan")
+
+
+def summarize_segm(ev: COCOeval) -> dict[str, float]:
+    """The six AP numbers of ``COCOeval.summarize()`` (in percent, NaN for -1), without printing."""
+    return {
+        "AP": _mean_precision(ev, None, "all"),
+        "AP50": _mean_precision(ev, 0.5, "all"),
+        "AP75": _mean_precision(ev, 0.75, "all"),
+        "APs": _mean_precision(ev, None, "small"),
+        "APm": _mean_precision(ev, None, "medium"),
+        "APl": _mean_precision(ev, None, "large"),
+    }
