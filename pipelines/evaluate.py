@@ -1,0 +1,230 @@
+"""Score checkpoints on benchmarks with Ray, log everything to MLflow, register and select the model.
+
+    python pipelines/evaluate.py --checkpoints runs/xsam-s3/export,runs:/<mlflow run id> \\
+        --benchmarks fixture_coco_panoptic/val,fixture_refcoco/val --shards .cache/xsam/shards \\
+        --tracking-uri http://127.0.0.1:5000 --model-name xsam
+
+Per checkpoint: a pool of Ray actors (one model copy each) scores the benchmarks' samples; their
+metric accumulators are summed; one parent MLflow run per checkpoint gets every benchmark's metrics
+(`<benchmark>/<metric>`), the primary metric of each as a tag, the lineage (checkpoint, training
+config, data fingerprints, seed, code version) and a child run per benchmark with its per-category
+table and a few prediction overlays. Each checkpoint becomes a version of the registered model and
+the alias (default `champion`) moves to the best one by the selection rule (xsam.eval.selection).
+Benchmarks default to every evaluation split (role: eval) converted under --shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from xsam.data import storage
+from xsam.data.schema import Task
+from xsam.data.shards import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EvalWorker:
+    """One model copy; scores slices of a benchmark (a Ray actor in `evaluate_checkpoint`)."""
+
+    def __init__(self, checkpoint: str, shards: str):
+        import torch
+
+        from xsam.model.predict import load_for_inference
+
+        torch.set_num_threads(1)
+        self.local = _local(checkpoint)
+        self.model, self.tokenizer = load_for_inference(self.local, Path(self.local) / "tokenizer")
+        self.shards = shards
+        self.indexes = {}
+
+    def score(self, bench, indices: list[int], overlays: int):
+        from xsam.train.shard_index import ShardIndex
+
+        if bench.name not in self.indexes:
+            self.indexes[bench.name] = ShardIndex.build(self.shards, [(bench.dataset, bench.split)])
+        index = self.indexes[bench.name]
+        acc, pngs = bench.new(), []
+        refs = index.refs[bench.dataset]
+        for i in indices:
+            sample, image = index.read(refs[i])
+            png = bench.evaluate(self.model, self.tokenizer, sample, image, acc)
+            if png is not None and len(pngs) < overlays:
+                pngs.append((refs[i].key, png))
+        return acc, pngs
+
+
+def _local(checkpoint: str) -> str:
+    if not storage.is_uri(checkpoint):
+        return checkpoint
+    tmp = tempfile.mkdtemp(prefix="xsam-ckpt-")
+    for loc in storage.list_files(checkpoint, recursive=True):
+        dest = Path(tmp, loc[len(checkpoint.rstrip("/")) + 1:])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(storage.read_bytes(loc))
+    return tmp
+
+
+def resolve_checkpoint(spec: str, client) -> str:
+    """A path / URI, or `runs:/<run id>` of a training run (its xsam.export tag)."""
+    if spec.startswith("runs:/"):
+        run = client.get_run(spec[len("runs:/"):].strip("/"))
+        if "xsam.export" not in run.data.tags:
+            raise ValueError(f"MLflow run {run.info.run_id} has no xsam.export tag (not a training run?)")
+        return run.data.tags["xsam.export"]
+    return spec
+
+
+def discover_benchmarks(shards: str, names: list[str] | None, seed: int):
+    from xsam.eval.benchmark import Benchmark
+
+    wanted = names
+    if not wanted:  # every converted evaluation split
+        wanted = []
+        for loc in storage.list_files(shards, suffix="manifest.json", recursive=True):
+            parts = loc.replace("\\", "/").rstrip("/").split("/")
+            wanted.append(f"{parts[-3]}/{parts[-2]}")
+    out = []
+    for name in sorted(wanted):
+        dataset, split = name.split("/", 1)
+        m = read_manifest(storage.join(shards, dataset, split, "manifest.json"))
+        if m is None:
+            raise FileNotFoundError(f"benchmark {name}: no manifest under {shards} (convert it first)")
+        if names or m.role == "eval":
+            if Task(m.task) is Task.chat:
+                continue
+            out.append(Benchmark(dataset, split, Task(m.task), m.categories, seed=seed))
+    return out
+
+
+def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max_samples: int | None,
+                        overlays: int):
+    """-> {benchmark name: (metrics, accumulators, overlays)} computed on a pool of Ray actors."""
+    import ray
+    from ray.util import ActorPool
+
+    from xsam.train.shard_index import ShardIndex
+
+    actor = ray.remote(num_cpus=1)(EvalWorker)
+    pool_actors = [actor.remote(checkpoint, shards) for _ in range(workers)]
+    pool = ActorPool(pool_actors)
+    results = {}
+    for bench in benches:
+        n = ShardIndex.read_manifests(shards, [(bench.dataset, bench.split)])[(bench.dataset, bench.split)].num_samples
+        n = min(n, max_samples) if max_samples else n
+        chunks = [list(range(n))[k::workers] for k in range(workers) if list(range(n))[k::workers]]
+        parts = list(pool.map(lambda a, idx: a.score.remote(bench, idx, overlays), chunks))
+        acc = parts[0][0]
+        for other, _ in parts[1:]:
+            acc = {k: acc[k] + other[k] for k in acc}
+        pngs = [p for _, ps in parts for p in ps][:overlays]
+        results[bench.name] = (bench.result(acc), acc, pngs)
+    for a in pool_actors:
+        ray.kill(a)
+    return results
+
+
+def log_checkpoint(client, experiment_id: str, checkpoint: str, benches, results, seed: int, fingerprints) -> str:
+    from pipelines.train import code_version
+
+    manifest = json.loads(Path(_local(checkpoint), "manifest.json").read_text())
+    parent = client.create_run(experiment_id, run_name=f"eval {Path(checkpoint.rstrip('/')).parent.name}", tags={
+        "xsam.kind": "evaluation", "xsam.checkpoint": checkpoint, "xsam.code_version": code_version(),
+        "xsam.seed": str(seed), "xsam.train_data_fingerprint": str(manifest.get("data_fingerprint")),
+        **{f"xsam.primary.{b.name}": b.primary for b in benches},
+        **{f"xsam.eval_data.{name}": fp for name, fp in fingerprints.items()}})
+    pid = parent.info.run_id
+    client.log_param(pid, "checkpoint", checkpoint)
+    client.log_param(pid, "benchmarks", ",".join(b.name for b in benches))
+    if manifest.get("train_config"):
+        client.log_dict(pid, manifest["train_config"], "lineage/train_config.json")
+    for bench in benches:
+        metrics, acc, pngs = results[bench.name]
+        child = client.create_run(experiment_id, run_name=bench.name, tags={
+            "mlflow.parentRunId": pid, "xsam.kind": "benchmark", "xsam.benchmark": bench.name})
+        for key, value in metrics.items():
+            if value == value:  # skip NaN
+                client.log_metric(pid, f"{bench.name}/{key}", float(value))
+                client.log_metric(child.info.run_id, key, float(value))
+        table = _per_category(acc)
+        if table:
+            client.log_dict(child.info.run_id, table, "per_category.json")
+        for key, png in pngs:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp, f"{key}.png")
+                path.write_bytes(png)
+                client.log_artifact(child.info.run_id, str(path), "overlays")
+        client.set_terminated(child.info.run_id)
+    client.set_terminated(pid)
+    return pid
+
+
+def _per_category(acc: dict) -> dict:
+    table = {}
+    for name, a in acc.items():
+        for attr in ("per_class_iou", "per_class", "per_category"):
+            fn = getattr(a, attr, None)
+            if callable(fn):
+                try:
+                    table[name] = fn()
+                except (ValueError, ZeroDivisionError):
+                    pass
+                break
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", required=True, help="comma-separated export folders / URIs / runs:/<id>")
+    p.add_argument("--benchmarks", help="comma-separated dataset/split (default: every converted eval split)")
+    p.add_argument("--shards", default=".cache/xsam/shards")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.cache/xsam/mlflow.db"))
+    p.add_argument("--experiment", default="xsam-eval")
+    p.add_argument("--model-name", default="xsam")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-samples", type=int, help="cap per benchmark (quick runs)")
+    p.add_argument("--overlays", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import ray
+    from mlflow import MlflowClient
+
+    from xsam.eval.selection import register_checkpoint, select
+    from xsam.train.shard_index import ShardIndex
+
+    client = MlflowClient(args.tracking_uri)
+    exp = client.get_experiment_by_name(args.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
+    benches = discover_benchmarks(args.shards, args.benchmarks.split(",") if args.benchmarks else None, args.seed)
+    if not benches:
+        print("[evaluate] no benchmark to score", file=sys.stderr)
+        return 2
+    fingerprints = {b.name: ShardIndex.build(args.shards, [(b.dataset, b.split)]).fingerprint() for b in benches}
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    for spec in args.checkpoints.split(","):
+        checkpoint = resolve_checkpoint(spec.strip(), client)
+        results = evaluate_checkpoint(checkpoint, benches, args.shards, args.workers, args.max_samples, args.overlays)
+        run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints)
+        source = checkpoint
+        if not storage.is_uri(checkpoint):  # the registry keeps its own copy of a local checkpoint
+            client.log_artifacts(run_id, checkpoint, "checkpoint")
+            source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
+        version = register_checkpoint(client, args.model_name, source, run_id, {"xsam.checkpoint": checkpoint})
+        summary = {b.name: round(results[b.name][0].get(b.primary, float("nan")), 3) for b in benches}
+        print(f"[evaluate] {checkpoint}: version {version}, run {run_id}, primary {json.dumps(summary)}")
+    decision = select(client, args.model_name, args.alias)
+    print(f"[evaluate] alias {args.alias!r} -> {args.model_name} version {decision.version} "
+          f"(mean primary {decision.score:.3f} over {len(decision.metrics)} benchmarks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

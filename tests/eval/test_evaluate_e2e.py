@@ -1,0 +1,115 @@
+"""pipelines/evaluate.py end to end: tiny checkpoints scored by Ray actors, logged to a real MLflow
+tracking server on 127.0.0.1 (started here), registered, and the alias set on the best version."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from helpers import convert_fixtures  # noqa: E402
+from model_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
+
+from xsam.model.checkpoint import save_stage_checkpoint  # noqa: E402
+from xsam.model.stages import S3  # noqa: E402
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = "fixture_refcoco/val,fixture_coco_semantic/val,fixture_coco_interactive/val"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow")
+    port = _port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if requests.get(f"{uri}/health", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    _, shards, _ = convert_fixtures(tmp, ["coco_panoptic", "refer", "psalm_interactive"])
+    tok = tiny_tokenizer(tmp / "tok")
+    checkpoints = []
+    for seed in (0, 1):
+        cfg, model = tiny_model(tok, "s3", seed=seed)
+        folder = tmp / f"ckpt{seed}" / "export"
+        save_stage_checkpoint(model, S3, cfg, folder)
+        tok.save_pretrained(str(folder / "tokenizer"))
+        checkpoints.append(str(folder))
+    return tmp, shards, checkpoints
+
+
+def test_evaluate_logs_registers_and_selects(mlflow_server, setup):
+    from mlflow import MlflowClient
+
+    tmp, shards, checkpoints = setup
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--checkpoints",
+                           ",".join(checkpoints), "--benchmarks", BENCHMARKS, "--shards", shards,
+                           "--tracking-uri", mlflow_server, "--model-name", "xsam-test", "--max-samples", "2",
+                           "--workers", "2", "--overlays", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("xsam-eval")
+    parents = client.search_runs([exp.experiment_id], "tags.`xsam.kind` = 'evaluation'")
+    assert len(parents) == 2
+    by_ckpt = {r.data.tags["xsam.checkpoint"]: r for r in parents}
+    assert set(by_ckpt) == set(checkpoints)
+    names = BENCHMARKS.split(",")
+    for run in parents:
+        assert run.data.tags["xsam.primary.fixture_refcoco/val"] == "ciou"
+        assert {f"{b}/{m}" for b, m in zip(names, ("ciou", "miou", "miou"))} <= set(run.data.metrics)
+        assert run.data.tags["xsam.code_version"] and run.data.tags["xsam.seed"] == "0"
+        assert all(len(run.data.tags[f"xsam.eval_data.{b}"]) == 64 for b in names)
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert {c.data.tags["xsam.benchmark"] for c in children} == set(names)
+        sem = next(c for c in children if c.data.tags["xsam.benchmark"] == "fixture_coco_semantic/val")
+        files = {f.path for f in client.list_artifacts(sem.info.run_id)}
+        assert "per_category.json" in files
+        overlays = [f.path for c in children for f in client.list_artifacts(c.info.run_id, "overlays")]
+        assert overlays and all(p.endswith(".png") for p in overlays)
+
+    versions = client.search_model_versions("name = 'xsam-test'")
+    assert len(versions) == 2
+    mean = {}
+    for v in versions:
+        m = client.get_run(v.run_id).data.metrics
+        primaries = [m[f"{b}/{p}"] for b, p in zip(names, ("ciou", "miou", "miou")) if f"{b}/{p}" in m]
+        mean[v.version] = sum(primaries) / len(primaries)
+    best = max(mean, key=lambda k: (mean[k], int(k)))
+    champion = client.get_model_version_by_alias("xsam-test", "champion")
+    assert champion.version == best
+    decision = json.loads(client.get_registered_model("xsam-test").tags["champion.decision"])
+    assert decision["version"] == best and abs(decision["score"] - mean[best]) < 1e-6
+    assert set(decision["benchmarks"]) == set(names)
+    assert torch.isfinite(torch.tensor(list(mean.values()))).all()
