@@ -129,7 +129,8 @@ def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max
     return results
 
 
-def log_checkpoint(client, experiment_id: str, checkpoint: str, benches, results, seed: int, fingerprints) -> str:
+def log_checkpoint(client, experiment_id: str, checkpoint: str, benches, results, seed: int, fingerprints,
+                   parent_run: str | None = None) -> str:
     from pipelines.train import code_version
 
     manifest = json.loads(Path(_local(checkpoint), "manifest.json").read_text())
@@ -137,7 +138,8 @@ def log_checkpoint(client, experiment_id: str, checkpoint: str, benches, results
         "xsam.kind": "evaluation", "xsam.checkpoint": checkpoint, "xsam.code_version": code_version(),
         "xsam.seed": str(seed), "xsam.train_data_fingerprint": str(manifest.get("data_fingerprint")),
         **{f"xsam.primary.{b.name}": b.primary for b in benches},
-        **{f"xsam.eval_data.{name}": fp for name, fp in fingerprints.items()}})
+        **{f"xsam.eval_data.{name}": fp for name, fp in fingerprints.items()},
+        **({"mlflow.parentRunId": parent_run} if parent_run else {})})
     pid = parent.info.run_id
     client.log_param(pid, "checkpoint", checkpoint)
     client.log_param(pid, "benchmarks", ",".join(b.name for b in benches))
@@ -178,7 +180,7 @@ def _per_category(acc: dict) -> dict:
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", required=True, help="comma-separated export folders / URIs / runs:/<id>")
     p.add_argument("--benchmarks", help="comma-separated dataset/split (default: every converted eval split)")
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples", type=int, help="cap per benchmark (quick runs)")
     p.add_argument("--overlays", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parent-run", help="MLflow run id to nest the evaluation runs under (the workflow's)")
     args = p.parse_args(argv)
 
     import ray
@@ -204,15 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
     benches = discover_benchmarks(args.shards, args.benchmarks.split(",") if args.benchmarks else None, args.seed)
     if not benches:
-        print("[evaluate] no benchmark to score", file=sys.stderr)
-        return 2
+        raise SystemExit("[evaluate] no benchmark to score")
     fingerprints = {b.name: ShardIndex.build(args.shards, [(b.dataset, b.split)]).fingerprint() for b in benches}
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     for spec in args.checkpoints.split(","):
         checkpoint = resolve_checkpoint(spec.strip(), client)
         results = evaluate_checkpoint(checkpoint, benches, args.shards, args.workers, args.max_samples, args.overlays)
-        run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints)
+        run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints, args.parent_run)
         source = checkpoint
         if not storage.is_uri(checkpoint):  # the registry keeps its own copy of a local checkpoint
             client.log_artifacts(run_id, checkpoint, "checkpoint")
@@ -223,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     decision = select(client, args.model_name, args.alias)
     print(f"[evaluate] alias {args.alias!r} -> {args.model_name} version {decision.version} "
           f"(mean primary {decision.score:.3f} over {len(decision.metrics)} benchmarks)")
-    return 0
+    return decision
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,48 +1,207 @@
-"""The workflow entry point: `python pipelines/full_run.py` (or `ray job submit -- python pipelines/full_run.py`).
+"""The workflow: registry -> convert -> S1 -> S2 -> S3 -> evaluate -> select, one command.
 
-With no arguments it runs the embedded default on one machine: generate the fixture datasets (every
-source format, small) if missing, then convert them with Ray Data into unified WebDataset shards
-under .cache/xsam/shards. Training, evaluation and model selection join this workflow as they land.
+    python pipelines/full_run.py                                   # embedded default (local profile)
+    python pipelines/full_run.py --profile paper --dry-run         # the plan and predicted wall times
+    ray job submit --address http://HEAD:8265 --working-dir . -- python pipelines/full_run.py --profile paper
+
+With no arguments: local Ray, the `local` profile (tiny preset, 2 CPU workers), the fixture
+datasets (generated if missing) and a sqlite MLflow store under .cache/xsam. Steps run as Ray tasks
+chained by their results. Each step is content-addressed (its config, the data fingerprint, the
+upstream steps' keys, the code version): a step whose recorded key matches is skipped, so a rerun
+does nothing and a run killed mid-way picks up after its last complete step - inside a training
+stage from its last checkpoint, since the stage's Ray Train run name carries the step key.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from pipelines.convert import build_parser as convert_parser
-from pipelines.convert import run as run_convert
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("s1", "s2", "s3")
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StepBook:
+    """<workdir>/steps/<step>.json records each completed step's key and outputs."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / "steps"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, step: str, key: str) -> dict | None:
+        path = self.dir / f"{step}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            if record["key"] == key:
+                return record["outputs"]
+        return None
+
+    def record(self, step: str, key: str, outputs: dict) -> None:
+        tmp = self.dir / f"{step}.json.tmp"
+        tmp.write_text(json.dumps({"key": key, "outputs": outputs, "finished": time.time()}, indent=1))
+        tmp.replace(self.dir / f"{step}.json")
+
+
+# ---------------------------------------------------------------------------------------- steps
+def convert_step(registry: str, data_root: str, shards: str, datasets: list[str]) -> dict:
+    """Convert the registry's datasets (all of them when `datasets` is empty)."""
+    from pipelines.convert import build_parser, run
+
+    argv = ["--registry", registry, "--data-root", data_root, "--output", shards]
+    if datasets:
+        argv += ["--datasets", ",".join(datasets)]
+    code, outcomes = run(build_parser().parse_args(argv))
+    if code:
+        raise RuntimeError(f"conversion failed (exit {code}); see the log above")
+    fingerprint = _key(sorted((o.dataset, o.split, o.manifest.source_fingerprint) for o in outcomes))
+    return {"shards": shards, "fingerprint": fingerprint,
+            "samples": {f"{o.dataset}/{o.split}": o.manifest.num_samples for o in outcomes}}
+
+
+def train_step(cfg_dict: dict, *upstream: dict) -> dict:
+    from pipelines.train import run
+    from xsam.train.config import TrainConfig
+
+    cfg = TrainConfig(**cfg_dict)
+    result = run(cfg)
+    return {"export": cfg.export_dir, "mlflow_run": cfg.mlflow_run_id, "step": result.metrics.get("step"),
+            "loss": result.metrics.get("loss/total")}
+
+
+def evaluate_step(argv: list[str], upstream: dict) -> dict:
+    from pipelines.evaluate import main
+
+    decision = main(argv)
+    return {"version": decision.version, "score": decision.score, "metrics": decision.metrics}
+
+
+# ---------------------------------------------------------------------------------------- plan
+def stage_configs(profile: str, shards: str | None, overrides: list[str]) -> dict:
+    from xsam.train.config import load_profile, profile_path
+
+    extra = [f"shards={shards}"] if shards else []
+    return {stage: load_profile(profile_path(profile), stage, extra + overrides).with_absolute_paths(os.getcwd())
+            for stage in STAGES}
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default=".cache/xsam", help="where fixtures and outputs go (embedded default)")
+    p.add_argument("--profile", default="local")
+    p.add_argument("--workdir", default=".cache/xsam", help="local state: fixtures, step records, MLflow store")
     p.add_argument("--registry", help="registry folder (default: the generated fixture registry)")
     p.add_argument("--data-root", help="data root of --registry")
-    p.add_argument("--output", help="shard output (default: <workdir>/shards)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--shards", help="shard output (default: the profile's shards)")
+    p.add_argument("--benchmarks", help="comma-separated eval splits (default: every converted eval split)")
+    p.add_argument("--eval-max-samples", type=int, help="cap samples per benchmark")
+    p.add_argument("--model-name", default="xsam")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and predicted wall times, run nothing")
+    p.add_argument("overrides", nargs="*", help="key=value training settings for every stage")
     args = p.parse_args(argv)
-    work = Path(args.workdir)
-    t0 = time.perf_counter()
-    if args.registry is None:
+    work = Path(args.workdir).resolve()
+    t_start = time.perf_counter()
+
+    if args.registry is None:  # the embedded default: fixture datasets in every source format
         from xsam.data.fixtures import generate
 
         fixtures = work / "fixtures"
-        if not (fixtures / "registry").is_dir():
+        if not (fixtures / "registry").is_dir() and not args.dry_run:
             made = generate(fixtures)
             print(f"[full_run] generated {len(made)} fixture datasets under {fixtures}")
         registry, data_root = str(fixtures / "registry"), str(fixtures / "data")
     else:
         registry, data_root = args.registry, args.data_root or "data"
-    output = args.output or str(work / "shards")
-    convert_argv = ["--registry", registry, "--data-root", data_root, "--output", output]
-    if args.num_cpus:
-        convert_argv += ["--num-cpus", str(args.num_cpus)]
-    code, outcomes = run_convert(convert_parser().parse_args(convert_argv))
-    print(f"[full_run] convert: {len(outcomes)} dataset split(s) -> {output} in {time.perf_counter() - t0:.0f}s")
-    return code
+    cfgs = stage_configs(args.profile, args.shards, args.overrides)
+    shards = cfgs["s1"].shards
+
+    if args.dry_run:
+        from pipelines.plan import print_plan
+
+        print_plan(args.profile, cfgs, shards)
+        return 0
+
+    import ray
+    from mlflow import MlflowClient
+
+    from pipelines.train import code_version
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    s1 = cfgs["s1"]
+    client = MlflowClient(s1.mlflow_uri)
+    exp = client.get_experiment_by_name(s1.mlflow_experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(s1.mlflow_experiment)
+    version = code_version()
+    workflow = client.create_run(exp_id, run_name=f"full_run {args.profile}", tags={
+        "xsam.kind": "workflow", "xsam.profile": args.profile, "xsam.code_version": version})
+    wid = workflow.info.run_id
+    book = StepBook(work)
+    env = {"runtime_env": {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"}}}
+    summary: dict[str, dict] = {}
+
+    def run_step(name: str, key: str, fn, *fn_args) -> dict:
+        t0 = time.perf_counter()
+        outputs = book.done(name, key)
+        status = "skipped (up to date)"
+        if outputs is None:
+            ref = ray.remote(num_cpus=0, **env)(fn).remote(*fn_args)  # a Ray task; its args chain the steps
+            outputs = ray.get(ref)
+            book.record(name, key, outputs)
+            status = "ran"
+        child = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": wid, "xsam.step": name,
+                                                               "xsam.step_key": key, "xsam.step_status": status})
+        client.log_dict(child.info.run_id, outputs, "outputs.json")
+        client.set_terminated(child.info.run_id)
+        summary[name] = {"status": status, "seconds": round(time.perf_counter() - t0, 1), **outputs}
+        print(f"[full_run] {name}: {status} in {time.perf_counter() - t0:.0f}s")
+        return outputs
+
+    conv_key = _key("convert", Path(registry).resolve().as_posix(), data_root, shards, version,
+                    sorted((f.name, f.read_text()) for f in Path(registry).glob("*.yaml")))
+    converted = run_step("convert", conv_key, convert_step, registry, data_root, shards, [])
+    upstream_keys: list[str] = [conv_key, converted["fingerprint"]]
+    exports: dict[str, str] = {}
+    for stage in STAGES:
+        cfg = cfgs[stage]
+        settings = {k: v for k, v in cfg.to_dict().items() if k not in ("mlflow_run_id", "run_name", "export")}
+        key = _key(stage, settings, upstream_keys, version)
+        cfg.run_name = f"xsam-{stage}-{key[:8]}"  # a restarted step resumes its own Ray Train run
+        cfg.init_from = [exports[s] for s in STAGES[:STAGES.index(stage)] if s in ("s1", "s2")]
+        cfg.mlflow_parent_run_id = wid
+        outputs = run_step(stage, key, train_step, cfg.to_dict(), converted)
+        exports[stage] = outputs["export"]
+        upstream_keys.append(key)
+    eval_argv = ["--checkpoints", exports["s3"], "--shards", shards, "--tracking-uri", s1.mlflow_uri,
+                 "--experiment", s1.mlflow_experiment, "--model-name", args.model_name, "--parent-run", wid,
+                 "--workers", str(max(1, int(ray.cluster_resources().get("CPU", 2))))]
+    eval_argv += ["--benchmarks", args.benchmarks] if args.benchmarks else []
+    eval_argv += ["--max-samples", str(args.eval_max_samples)] if args.eval_max_samples else []
+    eval_key = _key("evaluate", exports["s3"], shards, args.benchmarks, args.eval_max_samples, args.model_name,
+                    s1.mlflow_uri, s1.mlflow_experiment, upstream_keys, version)
+    selected = run_step("evaluate", eval_key, evaluate_step, eval_argv, exports)
+    client.log_dict(wid, summary, "summary.json")
+    client.set_terminated(wid)
+
+    wall = time.perf_counter() - t_start
+    print("\n[full_run] done in {:.0f}s".format(wall))
+    print(f"  data:        {shards} ({sum(converted['samples'].values())} samples in {len(converted['samples'])} splits)")
+    for stage in STAGES:
+        print(f"  {stage}:          {exports[stage]} ({summary[stage]['status']})")
+    print(f"  MLflow:      {s1.mlflow_uri} experiment {s1.mlflow_experiment!r}, workflow run {wid}")
+    print(f"  model:       {args.model_name} version {selected['version']} carries alias 'champion' "
+          f"(mean primary {selected['score']:.2f})")
+    if s1.mlflow_uri.startswith("sqlite:"):
+        print(f"  open the UI: mlflow ui --backend-store-uri {s1.mlflow_uri}   (then http://127.0.0.1:5000)")
+    return 0
 
 
 if __name__ == "__main__":

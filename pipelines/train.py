@@ -102,9 +102,11 @@ def start_mlflow_run(cfg: TrainConfig, fingerprint: str) -> str:
                                   max_results=1)
     if existing:  # a resumed run keeps logging to its MLflow run
         return existing[0].info.run_id
-    run = client.create_run(exp_id, run_name=cfg.name, tags={
-        "xsam.run_name": cfg.name, "xsam.stage": cfg.stage, "xsam.code_version": code_version(),
-        "xsam.data_fingerprint": fingerprint, "xsam.seed": str(cfg.seed)})
+    tags = {"xsam.run_name": cfg.name, "xsam.stage": cfg.stage, "xsam.code_version": code_version(),
+            "xsam.data_fingerprint": fingerprint, "xsam.seed": str(cfg.seed)}
+    if cfg.mlflow_parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.mlflow_parent_run_id
+    run = client.create_run(exp_id, run_name=cfg.name, tags=tags)
     for key, value in cfg.to_dict().items():
         client.log_param(run.info.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
     return run.info.run_id

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from xsam.data import masks as rle
 from xsam.data.schema import PromptType, Sample, Task
@@ -103,6 +104,8 @@ class Benchmark:
     def evaluate(self, model, tokenizer, sample: Sample, image_bytes: bytes, acc: dict[str, Any]) -> bytes | None:
         """Score one sample; returns an overlay PNG of (one of) its predictions."""
         image = decode_image(image_bytes, sample)
+        # the model's own sampling (visual-prompt points) is seeded per sample too: same numbers every run
+        torch.manual_seed(int(_rng(self.seed, "torch:" + sample.provenance.source_id).integers(2**31)))
         pred = _EVALUATORS[self.task](self, model, tokenizer, sample, image, acc)
         if pred is None or not len(pred.masks):
             return None

@@ -4,9 +4,9 @@
     <folder>/manifest.json       {"stage", "config", "keys": {name: [shape...]}}
 
 The next stage loads one by exact key (`load_stage_checkpoint`): every exported key must exist in
-the new model with the same shape (a mismatch is an error unless explicitly allowed), the keys the
-new stage re-initialises on purpose (`drops_on_load`, e.g. S1's linear head) are skipped and
-reported, and the report lists matched / missing / unexpected / mismatched keys.
+the new model with the same shape (a mismatch is an error unless explicitly allowed); keys of parts
+the new stage does not build (S1's segmentor when S2 takes its SAM) are skipped and reported as
+ignored; the report lists matched / missing / unexpected / ignored / mismatched keys.
 """
 
 from __future__ import annotations
@@ -58,5 +58,5 @@ def load_stage_checkpoint(model: nn.Module, folder: str | Path, policy: StagePol
     # keys of parts this stage does not build (e.g. S1's segmentor when S2 takes S1's SAM) are skipped
     built = {name for name, _ in model.named_children()}
     absent = tuple(sorted({k.split(".", 1)[0] for k in state} - built))
-    return load_checked(model, state, allow_mismatch=allow_mismatch, ignore_unexpected=policy.drops_on_load + absent,
+    return load_checked(model, state, allow_mismatch=allow_mismatch, ignore_unexpected=absent,
                         strict_missing=False)

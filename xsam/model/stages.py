@@ -40,9 +40,9 @@ class StagePolicy:
     name: str
     parts: frozenset[Part]
     rules: tuple[Rule, ...]
-    # what the stage exports for the next one (prefixes), and what it must not import from the last
+    # what the stage exports for the next one (prefixes); S1 leaves its linear head out, so S3's
+    # cosine head and latent background start fresh, as the reference says
     exports: tuple[str, ...]
-    drops_on_load: tuple[str, ...] = ()
 
     def rule_for(self, param_name: str) -> Rule:
         for rule in self.rules:
@@ -93,7 +93,6 @@ S3 = StagePolicy(
         Rule("llm", True),
     ),
     exports=("",),  # everything
-    drops_on_load=("segmentor.s1_head", "segmentor.cosine_head", "segmentor.background"),
 )
 
 STAGES = {p.name: p for p in (S1, S2, S3)}

@@ -55,6 +55,7 @@ class TrainConfig:
     mlflow_uri: str | None = None
     mlflow_experiment: str = "xsam"
     mlflow_run_id: str | None = None  # set by the driver so restarted workers log to the same run
+    mlflow_parent_run_id: str | None = None  # the workflow's run (pipelines/full_run.py), if any
     fail_at_step: int | None = None  # fault injection (tests): the last rank raises once at this step
     trace: str | None = None  # folder for per-rank JSONL traces of the consumed sample keys (tests)
 
