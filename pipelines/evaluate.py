@@ -103,14 +103,14 @@ def discover_benchmarks(shards: str, names: list[str] | None, seed: int):
 
 
 def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max_samples: int | None,
-                        overlays: int):
+                        overlays: int, gpus: float = 0):
     """-> {benchmark name: (metrics, accumulators, overlays)} computed on a pool of Ray actors."""
     import ray
     from ray.util import ActorPool
 
     from xsam.train.shard_index import ShardIndex
 
-    actor = ray.remote(num_cpus=1)(EvalWorker)
+    actor = ray.remote(num_cpus=1, num_gpus=gpus)(EvalWorker)
     pool_actors = [actor.remote(checkpoint, shards) for _ in range(workers)]
     pool = ActorPool(pool_actors)
     results = {}
@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--experiment", default="xsam-eval")
     p.add_argument("--model-name", default="xsam")
     p.add_argument("--alias", default="champion")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="model copies (Ray actors)")
+    p.add_argument("--gpus-per-worker", type=float, default=0,
+                   help="reserve GPUs per actor (1 on GPU clusters: at most one model copy per GPU); the model "
+                        "itself still runs on the CPU - GPU inference is not wired yet")
     p.add_argument("--max-samples", type=int, help="cap per benchmark (quick runs)")
     p.add_argument("--overlays", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None):
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     for spec in args.checkpoints.split(","):
         checkpoint = resolve_checkpoint(spec.strip(), client)
-        results = evaluate_checkpoint(checkpoint, benches, args.shards, args.workers, args.max_samples, args.overlays)
+        results = evaluate_checkpoint(checkpoint, benches, args.shards, args.workers, args.max_samples, args.overlays,
+                                      args.gpus_per_worker)
         run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints, args.parent_run)
         source = checkpoint
         if not storage.is_uri(checkpoint):  # the registry keeps its own copy of a local checkpoint

@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir).resolve()
     t_start = time.perf_counter()
 
-    if args.registry is None:  # the embedded default: fixture datasets in every source format
+    cfgs = stage_configs(args.profile, args.shards, args.overrides)
+    registry = args.registry or cfgs["s1"].data_registry
+    if registry is None:  # the embedded default: fixture datasets in every source format
         from xsam.data.fixtures import generate
 
         fixtures = work / "fixtures"
@@ -119,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[full_run] generated {len(made)} fixture datasets under {fixtures}")
         registry, data_root = str(fixtures / "registry"), str(fixtures / "data")
     else:
-        registry, data_root = args.registry, args.data_root or "data"
-    cfgs = stage_configs(args.profile, args.shards, args.overrides)
+        data_root = args.data_root or cfgs["s1"].data_root or os.environ.get("XSAM_DATA_ROOT", "data")
+        registry = registry if Path(registry).is_absolute() else str(ROOT / registry)
     shards = cfgs["s1"].shards
 
     if args.dry_run:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     client = MlflowClient(s1.mlflow_uri)
     exp = client.get_experiment_by_name(s1.mlflow_experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(s1.mlflow_experiment)
-    version = code_version()
+    version = code_version().split(" ")[0]  # the source hash decides; the git commit is for people
     workflow = client.create_run(exp_id, run_name=f"full_run {args.profile}", tags={
         "xsam.kind": "workflow", "xsam.profile": args.profile, "xsam.code_version": version})
     wid = workflow.info.run_id
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         upstream_keys.append(key)
     eval_argv = ["--checkpoints", exports["s3"], "--shards", shards, "--tracking-uri", s1.mlflow_uri,
                  "--experiment", s1.mlflow_experiment, "--model-name", args.model_name, "--parent-run", wid,
-                 "--workers", str(max(1, int(ray.cluster_resources().get("CPU", 2))))]
+                 "--workers", str(s1.num_workers if s1.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 2))))]
+    eval_argv += ["--gpus-per-worker", "1"] if s1.use_gpu else []
     eval_argv += ["--benchmarks", args.benchmarks] if args.benchmarks else []
     eval_argv += ["--max-samples", str(args.eval_max_samples)] if args.eval_max_samples else []
     eval_key = _key("evaluate", exports["s3"], shards, args.benchmarks, args.eval_max_samples, args.model_name,

@@ -76,12 +76,20 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def code_version() -> str:
+    """A hash of the project's source (xsam/, pipelines/, profiles): the same in a git checkout and in
+    the copy `ray job submit --working-dir` ships, and it changes with any edit; plus the git commit
+    when there is one, for people."""
+    h = hashlib.sha256()
+    for path in sorted([*ROOT.glob("xsam/**/*.py"), *ROOT.glob("pipelines/**/*.py"), *ROOT.glob("pipelines/**/*.yaml")]):
+        h.update(path.relative_to(ROOT).as_posix().encode())
+        h.update(path.read_bytes())
+    version = f"src-{h.hexdigest()[:16]}"
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return f"{sha}{'-dirty' if dirty.strip() else ''}" or "unknown"
-    except OSError:
-        return "unknown"
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{version} (git {sha})" if sha else version
 
 
 def data_fingerprint(cfg: TrainConfig) -> str:

@@ -3,12 +3,14 @@
 A profile (pipelines/profiles/<name>.yaml) has top-level defaults and a `stages:` section with one
 mapping per stage; a run's config = defaults <- stages.<stage> <- command-line `key=value`
 overrides (values parsed as YAML, so `lr=2e-4`, `datasets=[a/train,b/train]`, `bf16=true` work).
-An unknown key is an error that names it.
+An unknown key is an error that names it. MLFLOW_TRACKING_URI, when set, overrides the profile's
+mlflow_uri (a cluster knows its tracking server; the command line still wins).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ class TrainConfig:
     stage: str  # s1 | s2 | s3
     preset: str = "tiny"  # xsam.model.config preset
     shards: str = ".cache/xsam/shards"  # converted shards root (local or s3://)
+    data_registry: str | None = None  # registry the workflow converts (None: the generated fixtures)
+    data_root: str | None = None  # where that registry's relative source paths start (local or s3://)
     datasets: list[str] = field(default_factory=list)  # "dataset/split" entries of the stage's mix
     weights: dict[str, str] = field(default_factory=dict)  # sam / siglip / llm / tokenizer locations
     init_from: list[str] = field(default_factory=list)  # exported checkpoints of earlier stages
@@ -114,7 +118,8 @@ def load_profile(path: str | Path, stage: str, overrides: list[str] | None = Non
         raise ValueError(f"{path}: no stages.{stage} section (has: {', '.join(sorted(stages)) or 'none'})")
     _check_keys(doc, str(path))
     _check_keys(stages[stage] or {}, f"{path}: stages.{stage}")
-    merged = {**doc, **(stages[stage] or {}), **parse_overrides(overrides or []), "stage": stage}
+    env = {"mlflow_uri": os.environ["MLFLOW_TRACKING_URI"]} if os.environ.get("MLFLOW_TRACKING_URI") else {}
+    merged = {**doc, **(stages[stage] or {}), **env, **parse_overrides(overrides or []), "stage": stage}
     if "betas" in merged:
         merged["betas"] = tuple(merged["betas"])
     return TrainConfig(**merged)

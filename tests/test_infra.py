@@ -1,0 +1,320 @@
+"""The cluster files: ray_cluster.yaml, infra/ (Dockerfile, KubeRay RayJob, MLflow server) and the profiles.
+
+No Docker, Kubernetes or AWS here: the YAML is parsed and checked for what would break a run - the
+Ray launcher config against Ray's own schema, GPU counts that match the paper profile, the RayJob's
+entrypoint and GPU requests, the MLflow server's database / S3 / port and the profile's address of
+it - and every profile is loaded for each stage with its datasets resolved in the registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+import shlex
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from xsam.data.registry import load_registry
+from xsam.train.config import load_profile
+
+REPO = Path(__file__).resolve().parent.parent
+INFRA = REPO / "infra"
+PROFILES = sorted((REPO / "pipelines" / "profiles").glob("*.yaml"))
+STAGES = ("s1", "s2", "s3")
+YAML_FILES = [REPO / "ray_cluster.yaml", *sorted(INFRA.rglob("*.yaml")), *PROFILES]
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+
+
+def kind(path: Path, name: str) -> list[dict]:
+    return [d for d in docs(path) if d.get("kind") == name]
+
+
+def paper() -> dict:
+    return yaml.safe_load((REPO / "pipelines" / "profiles" / "paper.yaml").read_text())
+
+
+def dockerfile_args() -> dict[str, str]:
+    text = (INFRA / "Dockerfile").read_text()
+    return dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.MULTILINE))
+
+
+def containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+# -- every YAML parses --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_yaml_parses(path):
+    assert docs(path), f"{path} holds no YAML document"
+
+
+def test_infra_files_exist():
+    for rel in ("ray_cluster.yaml", "infra/Dockerfile", "infra/README.md", "infra/kuberay/rayjob.yaml",
+                "infra/mlflow/deployment.yaml", "infra/mlflow/postgres.yaml", "infra/mlflow/README.md",
+                "pipelines/profiles/single-node-8gpu.yaml"):
+        assert (REPO / rel).is_file(), rel
+
+
+# -- ray_cluster.yaml -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+
+
+def test_ray_cluster_passes_rays_own_schema(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cluster)))  # fills the AWS defaults, then the JSON schema
+
+
+def test_ray_cluster_has_a_cpu_head_and_8_gpu_workers_for_the_paper_profile(cluster):
+    assert cluster["provider"]["type"] == "aws" and cluster["provider"]["cache_stopped_nodes"] is False
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "no GPU work may be scheduled on the head"
+    assert head["resources"].get("CPU", 0) > 0, "the head keeps CPUs for conversion tasks"
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    assert gpu_types, "a GPU worker node type"
+    gpu = next(iter(gpu_types.values()))
+    assert gpu["resources"]["GPU"] == 8
+    assert gpu["node_config"]["InstanceType"] in ("p4de.24xlarge", "p4d.24xlarge")
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 2
+    assert cluster["max_workers"] >= gpu["max_workers"]
+    prof = paper()
+    assert gpu["max_workers"] * gpu["resources"]["GPU"] >= prof["num_workers"], "not enough GPUs for paper"
+    assert gpu["resources"]["CPU"] >= 8 * prof["cpus_per_worker"], "8 workers' CPUs must fit on one node"
+    options = " ".join(gpu["docker"]["worker_run_options"])
+    assert "--gpus" in options and "--shm-size" in options and ":/weights" in options
+
+
+def test_ray_cluster_start_commands_and_image(cluster):
+    head = " ".join(cluster["head_start_ray_commands"])
+    worker = " ".join(cluster["worker_start_ray_commands"])
+    assert "ray start --head" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "--dashboard-host=0.0.0.0" in head, "ray job submit reaches the dashboard on 8265"
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker
+    env = " ".join(cluster["docker"]["run_options"])
+    assert "MLFLOW_TRACKING_URI=http" in env and "AWS_REGION=" in env
+    assert cluster["docker"]["image"] == rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]["template"][
+        "spec"]["containers"][0]["image"], "ray_cluster.yaml and the RayJob run the same image"
+
+
+# -- KubeRay RayJob -------------------------------------------------------------------------------------
+
+def rayjob() -> dict:
+    (job,) = kind(INFRA / "kuberay" / "rayjob.yaml", "RayJob")
+    return job
+
+
+def test_rayjob_runs_the_full_workflow_and_cleans_up():
+    job = rayjob()
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["python", "pipelines/full_run.py"]
+    assert argv[argv.index("--profile") + 1] == "paper"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
+    # runtimeEnvYAML is itself YAML; the working dir is where the image holds the project
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == "/opt/xsam"
+    assert "WORKDIR /opt/xsam" in (INFRA / "Dockerfile").read_text()
+    assert spec["rayClusterSpec"]["rayVersion"] == dockerfile_args()["RAY_VERSION"]
+
+
+def test_rayjob_worker_group_has_2_pods_of_8_gpus():
+    cluster_spec = rayjob()["spec"]["rayClusterSpec"]
+    (group,) = cluster_spec["workerGroupSpecs"]
+    assert group["replicas"] == 2 and group["minReplicas"] <= 2 <= group["maxReplicas"]
+    (worker,) = containers(group["template"])
+    for section in ("requests", "limits"):
+        assert int(worker["resources"][section]["nvidia.com/gpu"]) == 8
+    assert group["replicas"] * 8 == paper()["num_workers"]
+    head = containers(cluster_spec["headGroupSpec"]["template"])[0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    # rayStartParams is map[string]string in the CRD: a bare number or bool there is rejected
+    for params in (cluster_spec["headGroupSpec"]["rayStartParams"], group["rayStartParams"]):
+        assert all(isinstance(v, str) for v in params.values()), params
+
+
+def test_rayjob_pods_mount_weights_shm_and_get_credentials_from_a_secret():
+    cluster_spec = rayjob()["spec"]["rayClusterSpec"]
+    templates = [cluster_spec["headGroupSpec"]["template"], cluster_spec["workerGroupSpecs"][0]["template"]]
+    for template in templates:
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        (c,) = containers(template)
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        assert "persistentVolumeClaim" in volumes[mounts["/weights"]]
+        assert any("secretRef" in e for e in c.get("envFrom", [])), "AWS credentials from a Secret"
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == paper()["mlflow_uri"]
+        assert "DS_ACCELERATOR" not in env, "GPU pods: DeepSpeed picks CUDA itself"
+    for path in paper()["weights"].values():
+        assert path.startswith("/weights/"), "the paper profile's weights live on the /weights volume"
+    pvcs = kind(INFRA / "kuberay" / "volumes.yaml", "PersistentVolumeClaim")
+    claims = {d["metadata"]["name"] for d in pvcs}
+    used = {v["persistentVolumeClaim"]["claimName"] for t in templates for v in t["spec"]["volumes"]
+            if "persistentVolumeClaim" in v}
+    assert used <= claims, "every claim the RayJob mounts is defined in infra/kuberay/volumes.yaml"
+
+
+# -- MLflow server --------------------------------------------------------------------------------------
+
+def mlflow_container() -> dict:
+    (deployment,) = kind(INFRA / "mlflow" / "deployment.yaml", "Deployment")
+    (c,) = containers(deployment["spec"]["template"])
+    return c
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_mlflow_server_uses_postgres_s3_and_port_5000():
+    c = mlflow_container()
+    argv = c["command"] + c["args"]
+    assert argv[:2] == ["mlflow", "server"]
+    assert option(argv, "--backend-store-uri").startswith("postgresql://")
+    assert option(argv, "--artifacts-destination").startswith("s3://")
+    assert option(argv, "--host") == "0.0.0.0" and option(argv, "--port") == "5000"
+    assert [p["containerPort"] for p in c["ports"]] == [5000]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    # every $(VAR) Kubernetes expands in the arguments is defined in the container's env
+    env = {e["name"] for e in c["env"]}
+    assert set(re.findall(r"\$\((\w+)\)", " ".join(argv))) <= env
+
+
+def test_mlflow_service_is_where_the_profiles_log_and_accepts_that_host():
+    (service,) = kind(INFRA / "mlflow" / "deployment.yaml", "Service")
+    uri = urlparse(paper()["mlflow_uri"])
+    name, namespace = uri.hostname.split(".")[:2]
+    assert (service["metadata"]["name"], service["metadata"]["namespace"]) == (name, namespace)
+    assert uri.port in [p["port"] for p in service["spec"]["ports"]]
+    # the server's host-header check (MLflow's fnmatch rule) admits the profile's host and a port-forward
+    c = mlflow_container()
+    allowed = [h.strip() for h in option(c["command"] + c["args"], "--allowed-hosts").split(",")]
+    for host in (uri.netloc, "localhost:5000", "127.0.0.1:5000"):
+        assert any(fnmatch.fnmatch(host, a) if "*" in a else host == a for a in allowed), host
+
+
+def test_postgres_matches_the_mlflow_database_uri():
+    path = INFRA / "mlflow" / "postgres.yaml"
+    (statefulset,), (service,) = kind(path, "StatefulSet"), kind(path, "Service")
+    assert statefulset["spec"]["volumeClaimTemplates"], "the database keeps its data on a volume"
+    (pg,) = containers(statefulset["spec"]["template"])
+    pg_env = {e["name"]: e for e in pg["env"]}
+    c = mlflow_container()
+    env = {e["name"]: e for e in c["env"]}
+    db_uri = urlparse(option(c["command"] + c["args"], "--backend-store-uri"))
+    assert db_uri.path.lstrip("/") == pg_env["POSTGRES_DB"]["value"]
+    assert db_uri.port == service["spec"]["ports"][0]["port"] == 5432
+    assert env["MLFLOW_DB_HOST"]["value"].split(".")[0] == service["metadata"]["name"]
+    secret = pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert env["MLFLOW_DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+
+
+# -- Dockerfile -----------------------------------------------------------------------------------------
+
+def test_dockerfile_installs_the_pinned_torch_and_the_project():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        pytest.skip("tomllib needs Python 3.11")
+    text = (INFRA / "Dockerfile").read_text()
+    args = dockerfile_args()
+    assert (args["TORCH_VERSION"], args["TORCHVISION_VERSION"]) == ("2.14.1", "0.29.1")
+    assert "torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION}" in text
+    assert args["TORCH_INDEX"].startswith("https://download.pytorch.org/whl/cu")
+    # the CUDA of the base image and of the torch build agree (major version)
+    base_cuda = re.search(r"nvidia/cuda:(\d+)\.", args["CUDA_IMAGE"]).group(1)
+    assert args["TORCH_INDEX"].rsplit("/cu", 1)[1].startswith(base_cuda)
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.replace(" ", "").startswith("torch>") and f"<={args['TORCH_VERSION']}" in d for d in deps)
+    assert any(d.startswith("torchvision") and f"<={args['TORCHVISION_VERSION']}" in d for d in deps)
+    makefile = (REPO / "Makefile").read_text()
+    assert f"torch=={args['TORCH_VERSION']} torchvision=={args['TORCHVISION_VERSION']}" in makefile
+    from packaging.requirements import Requirement
+
+    (ray_req,) = [Requirement(d) for d in deps if d.startswith("ray")]
+    assert ray_req.specifier.contains(args["RAY_VERSION"])
+    assert re.search(r"pip install [^\n]*\\\n[^\n]*ray\[default", text), "Ray with its dashboard / job server"
+    assert re.search(r"-e /opt/xsam|pip install[^\n]* \.(\s|$)", text), "the project is installed"
+    for src in ("xsam", "pipelines", "datasets_registry", "pyproject.toml"):
+        assert re.search(rf"^COPY {src}\b", text, re.MULTILINE), f"the image needs {src}"
+
+
+def test_dockerfile_runtime_setup():
+    text = (INFRA / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), "runs as a non-root user"
+    assert "openjdk" in text, "Java for METEOR"
+    assert re.search(r"HF_HUB_OFFLINE=1", text) and "TORCH_EXTENSIONS_DIR=" in text
+    lines = re.MULTILINE
+    assert not re.search(r"^\s*(ENV|ARG)\b.*DS_ACCELERATOR", text, lines), "GPU image: DS_ACCELERATOR unset"
+    assert not re.search(r"^ENTRYPOINT", text, lines), "Ray's launcher and KubeRay run their own commands"
+    weights = re.search(r"^(COPY|ADD)\b.*(\.pth|\.safetensors|\.bin|weights)", text, lines)
+    assert not weights, "no weights baked in"
+    assert "python3.11" in text
+
+
+# -- profiles -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def registries(tmp_path_factory) -> dict[str, dict]:
+    from xsam.data.fixtures import generate
+
+    real, problems = load_registry(REPO / "datasets_registry")
+    assert not problems, problems
+    fx = tmp_path_factory.mktemp("fixtures")
+    generate(fx)
+    fixtures, problems = load_registry(fx / "registry")
+    assert not problems, problems
+    return {"real": real, "fixtures": fixtures}
+
+
+def test_profiles_present():
+    names = {p.stem for p in PROFILES}
+    assert {"local", "paper", "single-node-8gpu"} <= names
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_profile_loads_every_stage_with_registered_training_splits(profile, registries):
+    for stage in STAGES:
+        cfg = load_profile(profile, stage)  # unknown keys raise here
+        assert cfg.datasets, f"{profile.stem}: {stage} trains on nothing"
+        for item in cfg.datasets:
+            name, _, split = item.partition("/")
+            registry = registries["fixtures" if name.startswith("fixture_") else "real"]
+            assert name in registry, f"{profile.stem}: {stage}: {name!r} is not a registry entry"
+            entry = registry[name]
+            assert split in entry.splits, f"{profile.stem}: {stage}: {name} has no split {split!r}"
+            where = f"{profile.stem}: {stage}: {item}"
+            assert entry.split_spec(split).role == "train", f"{where} is an eval split"
+            assert stage in entry.stages, f"{where}: the registry entry's stages are {entry.stages}"
+        if cfg.use_gpu:
+            assert cfg.bf16 and cfg.num_workers % 8 == 0, "GPU profiles fill whole 8-GPU nodes"
+
+
+def test_single_node_profile_is_the_paper_recipe_on_8_gpus():
+    single = yaml.safe_load((REPO / "pipelines" / "profiles" / "single-node-8gpu.yaml").read_text())
+    ref = paper()
+    assert single["num_workers"] == 8 and ref["num_workers"] == 16
+    assert single["weights"] == ref["weights"] and single["preset"] == ref["preset"]
+    assert single["output"] != ref["output"], "its own runs prefix: a stage must not resume a paper run"
+    for stage in STAGES:
+        a, b = single["stages"][stage], ref["stages"][stage]
+        assert a["datasets"] == b["datasets"]
+        assert a["batch_per_rank"] == b["batch_per_rank"], "the per-GPU batch of the paper is kept"
+        for key in ("lr", "weight_decay", "grad_clip", "schedule", "epochs"):
+            assert a[key] == b[key], (stage, key)
