@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        address = os.environ.get("RAY_ADDRESS")
+        # locally, one CPU of headroom for the (mostly idle) trial that orchestrates its trainer
+        ray.init(address=address, include_dashboard=False,
+                 num_cpus=None if address else (os.cpu_count() or 1) + 1)
     space = {"lr": tune.grid_search([float(x) for x in args.lr.split(",")]),
              "balance_t": tune.grid_search([float(x) for x in args.balance_t.split(",")]),
              "profile": args.profile, "benchmarks": args.benchmarks.split(","), "max_steps": args.max_steps,
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
              "cwd": os.getcwd(), "overrides": args.overrides}
     # the trial itself only orchestrates: its TorchTrainer asks for the training CPUs
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"cpu": 0}), param_space=space,
+        tune.with_resources(trial, {"cpu": 0.01}), param_space=space,
         tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=args.num_samples,
                                     max_concurrent_trials=1),
         run_config=tune.RunConfig(name=args.experiment, storage_path=str(Path(args.storage).resolve()),

@@ -145,10 +145,13 @@ def _generic(b: Benchmark, model, tok, sample: Sample, image, acc) -> Prediction
     for s in sample.segments:
         gt_ids[rle.decode(s.mask).astype(bool)] = s.id
     pred_ids = np.zeros(image.shape[:2], np.int64)
-    for k, m in enumerate(pred.masks, start=1):
-        pred_ids[m] = k
+    pred_segments = []
+    for k, (m, label) in enumerate(zip(pred.masks, pred.labels), start=1):
+        if m.any():  # an empty predicted segment is not a segment (panopticapi refuses it)
+            pred_ids[m] = k
+            pred_segments.append({"id": k, "category_id": cat_of[label]})
     acc["pq"].add(gt_ids, [{"id": s.id, "category_id": s.category_id, "iscrowd": s.iscrowd} for s in sample.segments],
-                  pred_ids, [{"id": k, "category_id": cat_of[label]} for k, label in enumerate(pred.labels, start=1)])
+                  pred_ids, pred_segments)
     return pred
 
 
