@@ -25,8 +25,9 @@ def _port() -> int:
 
 
 def _args(work: Path) -> list[str]:
+    # absolute locations: the job runs in a copy of the repo, the reruns in the checkout
     return ["pipelines/full_run.py", "--workdir", str(work), f"shards={work / 'shards'}", f"output={work / 'runs'}",
-            f"mlflow_uri=sqlite:///{work / 'mlflow.db'}"]
+            f"mlflow_uri=sqlite:///{work / 'mlflow.db'}", f"weights={{tokenizer: {work / 'tokenizer'}}}"]
 
 
 def _steps(work: Path) -> dict:
@@ -38,7 +39,8 @@ def submitted(tmp_path_factory):
     """One full run submitted as a Ray job to a local head (started and stopped here)."""
     work = tmp_path_factory.mktemp("job")
     port, dash = _port(), _port()
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    # a throwaway head on loopback: no token auth (Ray 2.60 would otherwise ask the job client for one)
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_AUTH_MODE": "disabled"}
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
                     str(dash), "--num-cpus", "2", "--include-dashboard", "true"], check=True, env=env,
                    capture_output=True, timeout=120)
