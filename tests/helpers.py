@@ -45,3 +45,12 @@ def read_split(out: str, dataset: str, split: str) -> dict[str, tuple[Sample, by
 
 def mask_of(rle) -> np.ndarray:
     return masks.decode(rle).astype(bool)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

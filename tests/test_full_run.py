@@ -4,7 +4,6 @@ head, rerun (every step skipped), and a run killed during a step then rerun (sam
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from helpers import free_port  # tests/ is on sys.path (conftest)
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(work: Path) -> list[str]:
@@ -38,7 +34,7 @@ def _steps(work: Path) -> dict:
 def submitted(tmp_path_factory):
     """One full run submitted as a Ray job to a local head (started and stopped here)."""
     work = tmp_path_factory.mktemp("job")
-    port, dash = _port(), _port()
+    port, dash = free_port(), free_port()
     # a throwaway head on loopback: no token auth (Ray 2.60 would otherwise ask the job client for one)
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_AUTH_MODE": "disabled"}
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",

@@ -2,7 +2,6 @@
 round trip against a moto server on loopback started and stopped here."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,12 @@ import pytest
 from xsam.data.fixtures import generate
 from xsam.data.schema import Sample
 
+from helpers import free_port  # tests/ is on sys.path (conftest)
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = [sys.executable, str(ROOT / "pipelines" / "convert.py")]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def test_ray_data_reads_the_shards(local_run):
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

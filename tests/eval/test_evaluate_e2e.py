@@ -2,7 +2,6 @@
 tracking server on 127.0.0.1 (started here), registered, and the alias set on the best version."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from helpers import convert_fixtures  # noqa: E402
+from helpers import free_port, convert_fixtures  # noqa: E402
 from model_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 
 from xsam.model.checkpoint import save_stage_checkpoint  # noqa: E402
@@ -25,16 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = "fixture_refcoco/val,fixture_coco_semantic/val,fixture_coco_interactive/val"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow")
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                              f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],

@@ -31,7 +31,7 @@ from xsam.model.batching import collate
 from xsam.model.builder import WeightPaths, build_xsam
 from xsam.model.checkpoint import export_state, load_stage_checkpoint
 from xsam.model.stages import STAGES, param_groups
-from xsam.model.xsam import DecodeMode, S1Batch, XSAMBatch
+from xsam.model.xsam import S1Batch
 from xsam.train.config import TrainConfig
 from xsam.train.formatting import Formatter, collate_s1
 from xsam.train.loader import Loader
