@@ -77,9 +77,15 @@ class Benchmark:
         if self.task is Task.interactive:
             return {"int": InteractiveAccumulator()}
         if self.task is Task.gcg:
+            import shutil
+            import warnings
+
             from xsam.eval.gcg import GCGAccumulator
 
-            return {"gcg": GCGAccumulator()}
+            java = shutil.which("java") is not None  # METEOR and the PTB tokenizer run on Java
+            if not java:
+                warnings.warn(f"{self.name}: no java on PATH: METEOR / CIDEr skipped, mask metrics only")
+            return {"gcg": GCGAccumulator(caption_metrics=java)}
         return {"ref": ReferringAccumulator()}
 
     def result(self, acc: dict[str, Any]) -> dict[str, float]:
