@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="local")
-    p.add_argument("--workdir", default=".cache/xsam", help="local state: fixtures, step records, MLflow store")
+    p.add_argument("--workdir", default=".cache/xsam", help="workflow state: generated fixtures and step records")
     p.add_argument("--registry", help="registry folder (default: the generated fixture registry)")
     p.add_argument("--data-root", help="data root of --registry")
     p.add_argument("--shards", help="shard output (default: the profile's shards)")
