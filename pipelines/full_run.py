@@ -174,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     exports: dict[str, str] = {}
     for stage in STAGES:
         cfg = cfgs[stage]
-        settings = {k: v for k, v in cfg.to_dict().items() if k not in ("mlflow_run_id", "run_name", "export")}
+        # what the workflow sets itself (names, the upstream exports, MLflow ids) is not part of the key:
+        # the upstream step keys already stand for the exports
+        settings = {k: v for k, v in cfg.to_dict().items()
+                    if k not in ("mlflow_run_id", "mlflow_parent_run_id", "run_name", "export", "init_from")}
         key = _key(stage, settings, upstream_keys, version)
         cfg.run_name = f"xsam-{stage}-{key[:8]}"  # a restarted step resumes its own Ray Train run
         cfg.init_from = [exports[s] for s in STAGES[:STAGES.index(stage)] if s in ("s1", "s2")]
