@@ -4,11 +4,20 @@
                                                     # (~7 min on 2 cores: the reduced model takes ~100 s a step)
     python benchmarks/model_step.py --gpu           # one H100/H200: the paper preset's S3 step in bf16,
                                                     # samples/s and MFU (needs a CUDA device)
+    python benchmarks/model_step.py --sam-block     # only the SAM global-block section below (~1 min on CPU)
 
 Each configuration runs in its own process so its peak memory is its own (ru_maxrss on CPU,
 torch.cuda.max_memory_allocated on GPU). The batch is a generic-segmentation S3 batch (two images,
 two categories, teacher-forced), the most common S3 task shape. Weights are random: speed and memory
 do not depend on their values.
+
+Both modes end with the SAM global-block section (fp32 on CPU, bf16 with --gpu): ONE ViT-L
+global-attention block at 64x64 tokens (width 1024, 16 heads, batch 1), forward + backward,
+segment-anything's own Block (naive attention, the [heads, N, N] scores materialised) vs the same block
+with xsam's SdpaAttention, side by side with the ratio. Peak memory: on CPU the rise of the process's
+peak RSS (ru_maxrss) during the step over its RSS just before it (after a small warm-up), each variant
+in a fresh process; on GPU max_memory_allocated over memory_allocated before the step. The SDPA kernel
+that ran is named (from torch.profiler): on CPU a bias that needs a gradient takes the math kernel.
 """
 
 from __future__ import annotations
@@ -21,13 +30,18 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
+from segment_anything.modeling.image_encoder import Block
+from torch import nn
+from torch.profiler import profile
 
 from xsam.model.batching import Example, collate
 from xsam.model.builder import build_model
 from xsam.model.config import XSAMConfig, paper, tiny
+from xsam.model.sam_attention import SdpaAttention
 from xsam.model.stages import S3, apply_policy
 from xsam.model.tokenizer import build_tiny_tokenizer
 from xsam.model.xsam import DecodeMode
@@ -118,16 +132,104 @@ def run_one(name: str, device: str, dtype: str, steps: int) -> dict:
     return out
 
 
+SAM_BLOCK = {"dim": 1024, "heads": 16, "grid": 64}  # ViT-L, 1024 / 16 = 64 x 64 tokens, a global block
+
+
+def _sam_block(variant: str, dim: int, heads: int, grid: int, device: str, dtype: torch.dtype) -> nn.Module:
+    """A segment-anything global-attention Block (non-zero rel_pos); `sdpa`: attn swapped for SdpaAttention."""
+    blk = Block(dim, heads, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=0,
+                input_size=(grid, grid)).to(device, dtype)
+    with torch.no_grad():
+        blk.attn.rel_pos_h.normal_(std=0.02)
+        blk.attn.rel_pos_w.normal_(std=0.02)
+    if variant == "sdpa":
+        blk.attn = SdpaAttention.from_attention(blk.attn)
+    return blk
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def run_sam_block(variant: str, device: str, dtype_name: str) -> dict:
+    """One forward + backward of one SAM global block; the memory the step adds at its peak."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    torch.manual_seed(0)
+    warm = _sam_block(variant, 64, 4, 8, device, dtype)  # warm-up: kernels, thread pools, allocator
+    x = torch.randn(1, 8, 8, 64, device=device, dtype=dtype, requires_grad=True)
+    with profile() as prof:
+        warm(x).sum().backward()
+    kernels = sorted({e.name.removeprefix("aten::") for e in prof.events()
+                      if e.name.startswith("aten::_scaled_dot_product") and not e.name.endswith("_backward")})
+    g = SAM_BLOCK["grid"]
+    blk = _sam_block(variant, SAM_BLOCK["dim"], SAM_BLOCK["heads"], g, device, dtype)
+    x = torch.randn(1, g, g, SAM_BLOCK["dim"], device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before, maxrss_before = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    blk(x).backward(grad)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    sec = time.perf_counter() - t0
+    assert blk.attn.rel_pos_h.grad is not None
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if maxrss <= maxrss_before:  # the step never rose above an earlier peak: no honest figure
+            sys.exit(f"sam block {variant}: step peak not above the set-up peak "
+                     f"({maxrss} <= {maxrss_before})")
+        peak = maxrss - before
+    return {"variant": variant, "device": device, "dtype": dtype_name, "peak_mib": peak / 2**20,
+            "step_s": sec, "kernel": ",".join(kernels) or "-"}
+
+
+def sam_block_section(device: str, dtype: str) -> None:
+    rows = {}
+    for variant in ("naive", "sdpa"):
+        proc = subprocess.run([sys.executable, __file__, "--one-sam-block", variant, "--device", device,
+                               "--dtype", dtype], check=False, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"SAM block {variant} failed:\n{proc.stderr[-3000:]}")
+        rows[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    n, heads = SAM_BLOCK["grid"] ** 2, SAM_BLOCK["heads"]
+    scores = heads * n * n * (2 if dtype == "bf16" else 4) / 2**20
+    print(f"\nSAM global block: {SAM_BLOCK['grid']}x{SAM_BLOCK['grid']} tokens, width {SAM_BLOCK['dim']}, "
+          f"{heads} heads, batch 1, {dtype}, forward + backward on {device} "
+          f"(one [heads, N, N] = {scores:.0f} MiB)")
+    print(f"{'attention':12s}{'peak MiB':>10s}{'step s':>9s}  sdpa kernel")
+    for r in rows.values():
+        print(f"{r['variant']:12s}{r['peak_mib']:>10.0f}{r['step_s']:>9.2f}  {r['kernel']}")
+    naive, sdpa = rows["naive"], rows["sdpa"]
+    print(f"sdpa / naive: peak memory {sdpa['peak_mib'] / naive['peak_mib']:.2f}x, "
+          f"step time {sdpa['step_s'] / naive['step_s']:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="paper preset, bf16, on the CUDA device")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--sam-block", action="store_true", help="only the SAM global-block memory section")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--one-sam-block", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.device, args.dtype, args.steps)))
+        return
+    if args.one_sam_block:
+        print(json.dumps(run_sam_block(args.one_sam_block, args.device, args.dtype)))
+        return
+    block_device, block_dtype = ("cuda", "bf16") if args.gpu else ("cpu", "fp32")
+    if args.sam_block:
+        sam_block_section(block_device, block_dtype)
         return
     runs = [("paper", "cuda", "bf16")] if args.gpu else [("tiny", "cpu", "fp32"), ("paper-reduced", "cpu", "fp32")]
     rows = []
@@ -143,6 +245,7 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         print(f"{r['config']:16s}{r['device']:8s}{r['dtype']:7s}{r['params']:>16,d}{r['step_s']:>9.3f}"
               f"{r['samples_per_s']:>11.2f}{r['peak_mem_gb']:>9.2f}{mfu:>7s}")
+    sam_block_section(block_device, block_dtype)
 
 
 if __name__ == "__main__":

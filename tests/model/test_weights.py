@@ -172,7 +172,8 @@ def test_load_sam_original_checkpoint(tmp_path):
         assert torch.equal(ie.neck(expected[cfg.depth].permute(0, 3, 1, 2)), ie(pixels))
     assert sorted(outs) == [2, 3, 4]
     for number, feat in outs.items():
-        assert torch.equal(feat, expected[number]), number
+        # SDPA (fused kernels) vs the naive product: equal to float rounding, not bitwise
+        torch.testing.assert_close(feat, expected[number], atol=1e-5, rtol=1e-5, msg=f"block {number}")
 
 
 def test_load_sam_shape_mismatch(tmp_path):

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from xsam.model.config import SamConfig, SiglipConfig
+from xsam.model.sam_attention import SdpaAttention
 
 
 def siglip_vision_config(cfg: SiglipConfig) -> SiglipVisionConfig:
@@ -76,6 +77,8 @@ class SamEncoder(nn.Module):
     """SAM's ViT image encoder without its neck (segment-anything's ImageEncoderViT, ViT-L sizes in the
     paper preset: relative positions, LN eps 1e-6, mlp ratio 4, windowed attention except in
     `cfg.global_attn_indexes` (0-indexed, as in segment-anything)).
+    Each block's `attn` is a `SdpaAttention` (same parameter names: `blocks.N.attn.qkv.weight`, ...), which
+    runs the attention through `scaled_dot_product_attention` with the relative positions as a bias.
 
     forward returns the channels-last output of every 1-indexed block in
     `cfg.connector_blocks + (cfg.projector_block,)`; only blocks up to the largest one are run.
@@ -109,6 +112,8 @@ class SamEncoder(nn.Module):
         self.patch_embed = vit.patch_embed
         self.pos_embed = vit.pos_embed
         self.blocks = vit.blocks
+        for blk in self.blocks:  # same parameters, attention through SDPA (fused kernels on GPU)
+            blk.attn = SdpaAttention.from_attention(blk.attn)
         self.gradient_checkpointing = False
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, ...]:
