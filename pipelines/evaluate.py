@@ -37,8 +37,8 @@ class EvalWorker:
         from xsam.model.predict import load_for_inference
 
         torch.set_num_threads(1)
-        self.local = _local(checkpoint)
-        self.model, self.tokenizer = load_for_inference(self.local, Path(self.local) / "tokenizer")
+        # local folder or s3:// prefix, read directly; the export's own tokenizer
+        self.model, self.tokenizer = load_for_inference(checkpoint)
         self.shards = shards
         self.indexes = {}
 
@@ -56,17 +56,6 @@ class EvalWorker:
             if png is not None and len(pngs) < overlays:
                 pngs.append((refs[i].key, png))
         return acc, pngs
-
-
-def _local(checkpoint: str) -> str:
-    if not storage.is_uri(checkpoint):
-        return checkpoint
-    tmp = tempfile.mkdtemp(prefix="xsam-ckpt-")
-    for loc in storage.list_files(checkpoint, recursive=True):
-        dest = Path(tmp, loc[len(checkpoint.rstrip("/")) + 1:])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(storage.read_bytes(loc))
-    return tmp
 
 
 def resolve_checkpoint(spec: str, client) -> str:
@@ -131,8 +120,9 @@ def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max
 def log_checkpoint(client, experiment_id: str, checkpoint: str, benches, results, seed: int, fingerprints,
                    parent_run: str | None = None) -> str:
     from pipelines.train import code_version
+    from xsam.model.export import read_manifest as read_export_manifest
 
-    manifest = json.loads(Path(_local(checkpoint), "manifest.json").read_text())
+    manifest = read_export_manifest(checkpoint)
     parent = client.create_run(experiment_id, run_name=f"eval {Path(checkpoint.rstrip('/')).parent.name}", tags={
         "xsam.kind": "evaluation", "xsam.checkpoint": checkpoint, "xsam.code_version": code_version(),
         "xsam.seed": str(seed), "xsam.train_data_fingerprint": str(manifest.get("data_fingerprint")),

@@ -1,27 +1,47 @@
 """`full_run.py --dry-run`: the plan - steps, resources, samples per dataset, tokens and optimizer
-steps per stage - and a predicted wall time per stage from model FLOPs.
+steps per stage - with FLOPs per sample, per-GPU memory and a predicted wall time per stage.
 
-Prediction: FLOPs per sample are counted from the preset's parameter counts (6 x params x tokens
-for trained parts, 2 x for frozen forward-only parts, 4 x for frozen parts gradients flow through,
-+1/3 of the forward again under activation checkpointing); time = FLOPs / (GPUs x peak x MFU).
-Peak and MFU are stated assumptions (A100 bf16 dense 312 TFLOP/s, MFU 0.35), not measurements.
+FLOPs (xsam.train.planning, xsam.model.flops): per part of the model, attention included (LLM causal
+over the real sequence, SAM windowed + global blocks, SigLIP up to its selected layer), the segmentor
+counted by torch's FLOP counter on the meta device; backward 2F for trained parts, 1F for frozen parts
+gradients flow through, 0 for frozen parts with no graph (S2's encoders), checkpoint recompute shown
+apart ("executed"). S2 / S3 text per source: measured through the real formatter and tokenizer on the
+converted shards when they and the tokenizer are reachable, otherwise a stated assumption.
+Memory (xsam.train.memory): ZeRO-partitioned model states + activations measured per part on the meta
+device, with and without activation checkpointing, against 40 and 80 GiB GPUs.
+Time = model FLOPs / (GPUs x peak x MFU). Peak (A100 bf16 dense 312 TFLOP/s) and MFU per stage are
+stated assumptions, printed beside the MFU that X-SAM's reported hours imply.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
+from dataclasses import dataclass
+from pathlib import Path
 
 from xsam.data import storage
 from xsam.data.shards import read_manifest
-from xsam.model.builder import build_model, resolve_config
-from xsam.model.stages import Part
+from xsam.model.builder import resolve_config
+from xsam.train.memory import OVERHEAD, GiB, StateBytes, state_bytes
+from xsam.train.planning import (
+    activation_bytes,
+    balanced_epoch,
+    implied_mfu,
+    sample_flops,
+    stage_model,
+)
+from xsam.train.text_stats import TextStats, assumed_text, measure_text
 
 A100_PEAK = 312e12
-ASSUMED_MFU = 0.35
-TEXT_TOKENS = {"s1": 0, "s2": 70, "s3": 250}  # assumed mean text tokens per sample (captions vs S3 chats)
+# assumed model-FLOPs utilisation: S2 is dense LLM GEMMs at batch 16; S1 is SAM + the deformable pixel
+# decoder (grid_sample, small GEMMs); S3 mixes both and recomputes under checkpointing
+ASSUMED_MFU = {"s1": 0.35, "s2": 0.40, "s3": 0.35}
 REPORTED_HOURS = {"s1": 24.0, "s2": 5.0, "s3": 24.0}  # reference section 2, on 16 GPUs
+REPORTED_GPUS = 16
+# ../shared/design/gpu-scale.md, per GPU, ZeRO-2, 16 GPUs, the profile's batch and checkpointing
+DESIGN_NOTE_MEMORY = {"s1": "~38-42 GB", "s2": "~37-43 GB", "s3": "~30-45 GB"}
+GPU_GIB = (40, 80)
+TIGHT = 0.9  # a total above 90% of a GPU's memory is called "tight", not "fits"
+TEXT_SAMPLES = 200  # samples per source for the measured text lengths
 
 # public per-image sizes of the paper's training splits, used until the manifests exist (approximate)
 PUBLIC_SAMPLES = {
@@ -30,33 +50,6 @@ PUBLIC_SAMPLES = {
     "grandf/train": 1_000, "psg_gcg/train": 31_000, "refcocog_gcg/train": 24_000, "flickr30k_gcg/train": 148_900,
     "coco_vgd/train2017": 117_266,
 }
-
-
-def _count(module) -> int:
-    return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
-
-def flops_per_sample(preset: str, stage: str, activation_checkpointing: bool) -> float:
-    cfg = resolve_config(preset)
-    with torch.device("meta"):
-        m = build_model(cfg, frozenset({Part.segmentor, Part.mllm}))
-    sam, seg = _count(m.sam), _count(m.segmentor)
-    siglip = _count(m.siglip)
-    llm = _count(m.llm)
-    proj = _count(m.image_projector) + _count(m.seg_projector) + _count(m.llm_to_decoder)
-    sam_tok, sig_tok = cfg.sam.grid ** 2, cfg.siglip.num_tokens
-    llm_tok = cfg.num_visual_tokens + TEXT_TOKENS[stage]
-    mask_pos = (cfg.sam.image_size // 8) ** 2
-    if stage == "s1":
-        fwd = 2 * sam * sam_tok + 2 * seg * mask_pos
-        total = 3 * fwd
-    elif stage == "s2":  # everything frozen but the projectors; gradients flow back through the LLM only
-        fwd = 2 * (sam * sam_tok + siglip * sig_tok + llm * llm_tok + proj * llm_tok)
-        total = fwd + 2 * llm * llm_tok + 4 * proj * llm_tok
-    else:
-        fwd = 2 * (sam * sam_tok + siglip * sig_tok + llm * llm_tok + proj * llm_tok + seg * mask_pos)
-        total = 3 * fwd
-    return total + (fwd if activation_checkpointing and stage != "s1" else 0)
 
 
 def samples(shards: str, datasets: list[str]) -> dict[str, tuple[int | None, str, int | None]]:
@@ -75,6 +68,127 @@ def samples(shards: str, datasets: list[str]) -> dict[str, tuple[int | None, str
     return out
 
 
+def load_tokenizer(weights: dict[str, str]):
+    """-> (the stage tokenizer with X-SAM's special tokens, None) or (None, why not)."""
+    folder = weights.get("tokenizer") or weights.get("llm")
+    if not folder or not Path(folder).is_dir():
+        return None, f"no tokenizer folder at {folder}"
+    from transformers import AutoTokenizer
+
+    from xsam.model.tokenizer import add_special_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    add_special_tokens(tokenizer)
+    return tokenizer, None
+
+
+def stage_text(stage: str, cfg, shards: str, counts: dict, tokenizer, why_not: str | None,
+               n: int = TEXT_SAMPLES) -> dict[str, TextStats]:
+    """Per dataset/split of an S2 / S3 stage: measured TextStats, or the assumption (with the reason)."""
+    out = {}
+    for name, (_, source, _) in counts.items():
+        dataset, split = name.split("/", 1)
+        reason = why_not if source == "manifest" else "not converted"
+        if reason is None:
+            try:
+                out[name] = measure_text(shards, dataset, split, stage, tokenizer, resolve_config(cfg.preset), n)
+                continue
+            except Exception as e:  # noqa: BLE001 - a plan reports what it could not measure and goes on
+                reason = f"measuring failed: {e}"
+        a = assumed_text(dataset, stage)
+        out[name] = TextStats(a.examples, a.lengths, a.labelled, a.items, a.conditions, f"{a.basis} ({reason})")
+    return out
+
+
+
+
+def print_flops(stage: str, cfg, text: dict[str, TextStats] | None, epoch: dict[str, float]) -> tuple[float, float]:
+    """Print FLOPs per sample (per part for the first source, then per source) -> (model, executed) FLOPs of
+    one balanced epoch."""
+    ckpt = cfg.activation_checkpointing
+    per_source = {name: sample_flops(cfg.preset, stage, ckpt, text[name] if text else None)
+                  for name in epoch}
+    shown = max(per_source, key=lambda n: (len(per_source[n].parts), per_source[n].model))  # the most parts run
+    scale, unit = (1e12, "TFLOP") if per_source[shown].model >= 1e11 else (1e9, "GFLOP")
+
+    def _tf(x: float) -> str:
+        return f"{x / scale:.2f}"
+
+    print(f"    FLOPs per sample ({unit}; backward 2F trained / 1F frozen with gradients through / 0 no graph;"
+          f" recompute: activation checkpointing {'on' if ckpt else 'off'})")
+    print(f"      {'part':16s} {'forward':>8s} {'backward':>8s} {'recompute':>9s}"
+          + (f"   [{shown}]" if len(per_source) > 1 else ""))
+    for part, c in per_source[shown].parts.items():
+        print(f"      {part:16s} {_tf(c.forward):>8s} {_tf(c.backward):>8s} {_tf(c.recompute):>9s}")
+    if text:
+        print(f"      {'source':32s} {'model':>6s} {'exec':>6s} {'ex/s':>5s} {'text':>6s} {'lab':>5s} "
+              f"{'items':>5s}  basis")
+        for name, f in per_source.items():
+            t = text[name]
+            print(f"      {name:32s} {_tf(f.model):>6s} {_tf(f.executed):>6s} {t.examples:5.2f} {t.text_tokens:6.0f}"
+                  f" {t.labelled:5.0f} {t.items:5.2f}  {t.basis}")
+    total = sum(epoch.values())
+    model = sum(epoch[n] * per_source[n].model for n in epoch)
+    executed = sum(epoch[n] * per_source[n].executed for n in epoch)
+    print(f"      mean per sample after balancing: model {_tf(model / total)} {unit}, executed {_tf(executed / total)}")
+    return model, executed
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    checkpointing: bool
+    label: str
+    activations: float  # bytes of one micro-batch
+    total: float  # GiB per GPU: model states + OVERHEAD + activations
+    source: str  # the dataset/split it is for ("" for a single-source stage)
+
+    def fit(self, capacity: int) -> str:
+        """Within TIGHT of the capacity is "tight": what the estimate leaves out (loss buffers, transient
+        forward tensors, fragmentation beyond OVERHEAD) decides."""
+        return "fits" if self.total <= TIGHT * capacity else "tight on" if self.total <= capacity else "does not fit"
+
+
+def memory_table(stage: str, cfg, text: dict[str, TextStats] | None
+                 ) -> tuple[StateBytes, list[MemoryRow]]:
+    """Model states per GPU, and per checkpointing setting the micro-batch of the source with the most
+    activations (+ the same at the LLM's 4096-token limit for S2 / S3)."""
+    sm = stage_model(cfg.preset, stage)
+    overlap = getattr(cfg, "ds_overlap_comm", None)
+    states = state_bytes(sm.trainable_params, sm.frozen_params, cfg.zero_stage, cfg.num_workers,
+                         reduce_bucket=int(getattr(cfg, "ds_reduce_bucket_size", 500_000_000)),
+                         overlap_comm=cfg.zero_stage == 3 if overlap is None else bool(overlap))
+    sources = text or {"": None}
+    long_tokens = resolve_config(cfg.preset).llm.max_position_embeddings
+    rows = []
+    for ckpt in (True, False):
+        acts = {n: activation_bytes(cfg.preset, stage, t, cfg.batch_per_rank, ckpt) for n, t in sources.items()}
+        worst = max(acts, key=acts.get)
+        found = [("largest source" if text else "per micro-batch", acts[worst])]
+        if text:
+            found.append((f"{long_tokens}-token sequences", activation_bytes(
+                cfg.preset, stage, sources[worst], cfg.batch_per_rank, ckpt, tokens=long_tokens)))
+        rows += [MemoryRow(ckpt, label, act, (states.total + OVERHEAD + act) / GiB, worst) for label, act in found]
+    return states, rows
+
+
+def print_memory(stage: str, cfg, text: dict[str, TextStats] | None) -> None:
+    sm = stage_model(cfg.preset, stage)
+    states, rows = memory_table(stage, cfg, text)
+    print(f"    memory per GPU (ZeRO-{cfg.zero_stage}, {cfg.num_workers} GPUs, batch {cfg.batch_per_rank}/GPU, bf16; "
+          f"{sm.trainable_params / 1e9:.3f} B trainable of {(sm.trainable_params + sm.frozen_params) / 1e9:.3f} B):")
+    print(f"      weights {states.weights / GiB:.2f} + gradients {states.gradients / GiB:.2f} + optimizer "
+          f"{states.optimizer / GiB:.2f} + buckets {states.buckets / GiB:.2f} + overhead {OVERHEAD / GiB:.0f} "
+          f"(assumed) = {(states.total + OVERHEAD) / GiB:.1f} GiB before activations")
+    for ckpt in (True, False):
+        used = " (the profile's setting)" if ckpt == bool(cfg.activation_checkpointing) else ""
+        print(f"      checkpointing {'on' if ckpt else 'off'}{used}:")
+        for r in (r for r in rows if r.checkpointing == ckpt):
+            fit = ", ".join(f"{r.fit(g)} {g} GiB" for g in GPU_GIB)
+            print(f"        {r.label:22s} activations {r.activations / GiB:6.1f} GiB -> {r.total:6.1f} GiB: {fit}"
+                  + (f"  [{r.source}]" if r.source else ""))
+    print(f"      design note (gpu-scale.md): {DESIGN_NOTE_MEMORY.get(stage, '-')} per GPU")
+
+
 def print_plan(profile: str, cfgs: dict, shards: str) -> None:
     print(f"[plan] profile {profile!r}; shards {shards}")
     print("  step      resources")
@@ -87,31 +201,38 @@ def print_plan(profile: str, cfgs: dict, shards: str) -> None:
     for stage, cfg in cfgs.items():
         counts = samples(shards, cfg.datasets)
         known = {k: v[0] for k, v in counts.items() if v[0]}
-        total = sum(known.values())
+        epoch = balanced_epoch(known, cfg.balance_t)
         print(f"\n[plan] {stage}: {len(cfg.datasets)} dataset(s), balancing t = {cfg.balance_t}")
-        epoch = 0.0
         for name, (n, source, nshards) in counts.items():
             if n:
-                mult = max(1.0, math.sqrt(cfg.balance_t / (n / total)))
-                epoch += mult * n
                 shard_txt = f"{nshards} shards" if nshards is not None else "shards: -"
-                print(f"    {name:32s} {n:>9,d} samples ({source}; {shard_txt}), repeat x{mult:.2f}")
+                print(f"    {name:32s} {n:>9,d} samples ({source}; {shard_txt}), repeat x{epoch[name] / n:.2f}")
             else:
                 print(f"    {name:32s}   unknown samples ({source})")
         gbatch = cfg.batch_per_rank * cfg.num_workers * cfg.grad_accum
-        steps = int(epoch * cfg.epochs / gbatch)
+        per_epoch = sum(epoch.values())
+        steps = int(per_epoch * cfg.epochs / gbatch)
         if cfg.max_steps:
             steps = min(steps, cfg.max_steps)
-        cfg_model = resolve_config(cfg.preset)
-        tokens = steps * gbatch * (cfg_model.num_visual_tokens + TEXT_TOKENS[stage]) if stage != "s1" else 0
-        flops = flops_per_sample(cfg.preset, stage, cfg.activation_checkpointing) * steps * gbatch
-        print(f"    epoch after balancing {epoch:,.0f} samples x {cfg.epochs} epoch(s) / global batch {gbatch}"
+        scale = steps * gbatch / per_epoch if per_epoch else 0.0  # epochs actually run
+        text = None
+        if stage != "s1":
+            tokenizer, why_not = load_tokenizer(cfg.weights)
+            text = stage_text(stage, cfg, shards, {k: counts[k] for k in epoch}, tokenizer, why_not)
+        visual = resolve_config(cfg.preset).num_visual_tokens
+        tokens = scale * sum(epoch[k] * text[k].examples * (visual + text[k].text_tokens) for k in epoch) if text else 0
+        print(f"    epoch after balancing {per_epoch:,.0f} samples x {cfg.epochs} epoch(s) / global batch {gbatch}"
               f" = {steps:,d} optimizer steps; {tokens / 1e9:.2f} B LLM tokens")
-        if cfg.use_gpu:
-            hours = flops / (cfg.num_workers * A100_PEAK * ASSUMED_MFU) / 3600
-            ref = REPORTED_HOURS[stage] * 16 / cfg.num_workers
-            print(f"    predicted: {flops:.2e} FLOPs -> {hours:.1f} h on {cfg.num_workers} A100 at MFU {ASSUMED_MFU}"
-                  f" (reported: ~{REPORTED_HOURS[stage]:.0f} h on 16 GPUs = ~{ref:.0f} h scaled to "
-                  f"{cfg.num_workers})")
-        else:
-            print(f"    predicted: {flops:.2e} FLOPs (CPU run: measured ~0.02-0.06 s/step for the tiny preset)")
+        if not epoch:
+            continue
+        model, executed = (x * scale for x in print_flops(stage, cfg, text, epoch))
+        if not cfg.use_gpu:
+            print(f"    predicted: {model:.2e} FLOPs (CPU run: measured ~0.02-0.06 s/step for the tiny preset)")
+            continue
+        print_memory(stage, cfg, text)
+        mfu = ASSUMED_MFU[stage]
+        hours = model / (cfg.num_workers * A100_PEAK * mfu) / 3600
+        reported = implied_mfu(model, REPORTED_HOURS[stage], REPORTED_GPUS, A100_PEAK)
+        print(f"    predicted: {model:.2e} model FLOPs ({executed:.2e} executed) -> {hours:.1f} h on {cfg.num_workers}"
+              f" A100 at MFU {mfu:.2f} (assumed); X-SAM's reported ~{REPORTED_HOURS[stage]:.0f} h on "
+              f"{REPORTED_GPUS} GPUs implies MFU {reported:.3f} for these FLOPs ({cfg.epochs} epoch(s))")

@@ -120,6 +120,36 @@ def start_mlflow_run(cfg: TrainConfig, fingerprint: str) -> str:
     return run.info.run_id
 
 
+class RunConflict(ValueError):
+    """A run name that exists with other settings: resuming it would train 0 steps (or a mix of two
+    configs) and rewrite its export under the new config."""
+
+
+def claim_run(cfg: TrainConfig, fingerprint: str) -> bool:
+    """Record the run's identity beside its checkpoints (<output>/<run name>/xsam-run.json), or check it
+    against the record of an existing run of that name. -> True when the run exists (it resumes).
+
+    Raises RunConflict naming every differing setting. Settings in config.RESULT_NEUTRAL (logging,
+    checkpoint cadence, storage, tracking) may change between a run and its resumption."""
+    from xsam.data import storage
+
+    record = storage.join(cfg.output, cfg.name, "xsam-run.json")
+    mine = {**cfg.identity(), "data_fingerprint": fingerprint}
+    if storage.exists(record):
+        theirs = json.loads(storage.read_bytes(record))
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            lines = "\n".join(f"  {k}: {json.dumps(theirs.get(k))} (run) vs {json.dumps(mine.get(k))} (now)"
+                              for k in diff)
+            raise RunConflict(f"run {cfg.name!r} exists at {storage.join(cfg.output, cfg.name)} with other "
+                              f"settings:\n{lines}\nResuming it would not train what you asked for: pass "
+                              f"run_name=<a new name>, or delete that folder to start it again.")
+        return True
+    with storage.open_output(record) as f:
+        f.write(json.dumps(mine, indent=1, sort_keys=True).encode())
+    return False
+
+
 def run(cfg: TrainConfig):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -134,6 +164,7 @@ def run(cfg: TrainConfig):
         print(f"[train] no tokenizer at {tok}: writing the tiny test tokenizer there (tiny preset only)")
         build_tiny_tokenizer(tok)
     fingerprint = data_fingerprint(cfg)
+    claim_run(cfg, fingerprint)
     if cfg.mlflow_uri and not cfg.mlflow_run_id:
         cfg.mlflow_run_id = start_mlflow_run(cfg, fingerprint)
     if not ray.is_initialized():
@@ -143,6 +174,8 @@ def run(cfg: TrainConfig):
         "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
     if not cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    else:  # the CUDA caching allocator grows segments instead of fragmenting on variable-size batches
+        env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -174,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_profile(profile_path(args.profile), args.stage, args.overrides).with_absolute_paths(os.getcwd())
     print("[train] resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except RunConflict as e:
+        print(f"[train] error: {e}", file=sys.stderr)
+        return 2
     print(f"[train] {cfg.stage} finished: step {result.metrics.get('step')}, last metrics "
           f"{json.dumps({k: round(v, 4) for k, v in result.metrics.items() if k.startswith('loss/')})}; "
           f"export {cfg.export_dir}")

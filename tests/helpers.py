@@ -54,3 +54,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_moto(bucket: str, env: dict | None = None):
+    """A moto S3 server on a free loopback port with `bucket` created -> (process, endpoint, boto3 client).
+    The caller stops exactly that process (proc.terminate(); proc.wait())."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1")
+    for _ in range(200):
+        try:
+            client.list_buckets()
+            break
+        except Exception:  # noqa: BLE001 - any failure means "not up yet"
+            time.sleep(0.1)
+    client.create_bucket(Bucket=bucket)
+    return proc, endpoint, client

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import re
 import shlex
 import sys
@@ -111,9 +112,16 @@ def test_ray_cluster_start_commands_and_image(cluster):
 
 # -- KubeRay RayJob -------------------------------------------------------------------------------------
 
-def rayjob() -> dict:
-    (job,) = kind(INFRA / "kuberay" / "rayjob.yaml", "RayJob")
+def rayjob(name: str = "rayjob.yaml") -> dict:
+    (job,) = kind(INFRA / "kuberay" / name, "RayJob")
     return job
+
+
+def profile(name: str) -> dict:
+    return yaml.safe_load((REPO / "pipelines" / "profiles" / f"{name}.yaml").read_text())
+
+
+RAYJOBS = {"rayjob.yaml": "paper", "rayjob-single-node.yaml": "single-node-8gpu"}  # file -> its profile
 
 
 def test_rayjob_runs_the_full_workflow_and_cleans_up():
@@ -147,8 +155,9 @@ def test_rayjob_worker_group_has_2_pods_of_8_gpus():
         assert all(isinstance(v, str) for v in params.values()), params
 
 
-def test_rayjob_pods_mount_weights_shm_and_get_credentials_from_a_secret():
-    cluster_spec = rayjob()["spec"]["rayClusterSpec"]
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_pods_mount_weights_shm_and_get_credentials_from_a_secret(name):
+    cluster_spec = rayjob(name)["spec"]["rayClusterSpec"]
     templates = [cluster_spec["headGroupSpec"]["template"], cluster_spec["workerGroupSpecs"][0]["template"]]
     for template in templates:
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
@@ -158,15 +167,124 @@ def test_rayjob_pods_mount_weights_shm_and_get_credentials_from_a_secret():
         assert "persistentVolumeClaim" in volumes[mounts["/weights"]]
         assert any("secretRef" in e for e in c.get("envFrom", [])), "AWS credentials from a Secret"
         env = {e["name"]: e.get("value") for e in c["env"]}
-        assert env["MLFLOW_TRACKING_URI"] == paper()["mlflow_uri"]
+        assert env["MLFLOW_TRACKING_URI"] == profile(RAYJOBS[name])["mlflow_uri"]
         assert "DS_ACCELERATOR" not in env, "GPU pods: DeepSpeed picks CUDA itself"
-    for path in paper()["weights"].values():
+    for path in profile(RAYJOBS[name])["weights"].values():
         assert path.startswith("/weights/"), "the paper profile's weights live on the /weights volume"
     pvcs = kind(INFRA / "kuberay" / "volumes.yaml", "PersistentVolumeClaim")
     claims = {d["metadata"]["name"] for d in pvcs}
     used = {v["persistentVolumeClaim"]["claimName"] for t in templates for v in t["spec"]["volumes"]
             if "persistentVolumeClaim" in v}
     assert used <= claims, "every claim the RayJob mounts is defined in infra/kuberay/volumes.yaml"
+
+
+def test_single_node_rayjob_is_the_recommended_start_and_otherwise_the_paper_job():
+    single, multi = rayjob("rayjob-single-node.yaml"), rayjob("rayjob.yaml")
+    argv = shlex.split(single["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "pipelines/full_run.py"]
+    assert argv[argv.index("--profile") + 1] == "single-node-8gpu"
+    multi_argv = shlex.split(multi["spec"]["entrypoint"])
+    assert argv[argv.index("--workdir") + 1] != multi_argv[multi_argv.index("--workdir") + 1], "own step records"
+    assert single["metadata"]["name"] != multi["metadata"]["name"]
+    spec, ref = single["spec"]["rayClusterSpec"], multi["spec"]["rayClusterSpec"]
+    (group,) = spec["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
+    (worker,) = containers(group["template"])
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) * group["replicas"] == profile(
+        "single-node-8gpu")["num_workers"]
+    assert spec["headGroupSpec"] == ref["headGroupSpec"], "the same head as the paper job"
+    (ref_worker,) = containers(ref["workerGroupSpecs"][0]["template"])
+    efa_env = {"FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE", "NCCL_DEBUG"}
+    assert {**worker, "env": None, "resources": None} == {**ref_worker, "env": None, "resources": None}
+    assert worker["env"] == [e for e in ref_worker["env"] if e["name"] not in efa_env], "no EFA on one node"
+    assert all("efa" not in k for section in worker["resources"].values() for k in section)
+    for path in (REPO / "ray_cluster.yaml", *(INFRA / "kuberay" / name for name in RAYJOBS)):
+        assert "RECOMMENDED START" in path.read_text(), path
+    readme = (INFRA / "README.md").read_text()
+    assert "**Start with `single-node-8gpu`.**" in readme
+    assert readme.index("rayjob-single-node.yaml") < readme.index("kuberay/rayjob.yaml"), "listed first"
+
+
+# -- multi-node interconnect: EFA, the NCCL plugin, the NCCL environment ---------------------------------
+
+EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}
+GPU_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def docker_env(options: list[str]) -> dict[str, str]:
+    """The `--env K=V` / `-e K=V` of docker run options."""
+    out = {}
+    for opt in options:
+        argv = shlex.split(opt, comments=True)
+        for flag, value in itertools.pairwise(argv):
+            if flag in ("--env", "-e"):
+                key, _, val = value.partition("=")
+                out[key] = val
+    return out
+
+
+def gpu_node_type(cluster: dict) -> dict:
+    (gpu,) = [t for t in cluster["available_node_types"].values() if t["resources"].get("GPU", 0) > 0]
+    return gpu
+
+
+def test_ray_cluster_gpu_nodes_get_the_4_efa_interfaces_of_a_p4de(cluster):
+    from ray.autoscaler._private.aws.config import _configure_subnets_and_groups_from_network_interfaces
+
+    gpu = gpu_node_type(cluster)
+    node = gpu["node_config"]
+    assert node["InstanceType"] == "p4de.24xlarge"
+    nics = node["NetworkInterfaces"]
+    assert [n["NetworkCardIndex"] for n in nics] == [0, 1, 2, 3], "one EFA per network card"
+    assert [n["DeviceIndex"] for n in nics] == [0, 1, 1, 1], "AWS: the primary at 0, the others at 1"
+    assert all(n["InterfaceType"] == "efa" for n in nics)
+    assert len({n["SubnetId"] for n in nics}) == 1 and all(n["Groups"] for n in nics)
+    assert node["Placement"]["GroupName"], "EFA between nodes needs a cluster placement group"
+    resolved = _configure_subnets_and_groups_from_network_interfaces(node)  # Ray's own check of this layout
+    assert resolved["SubnetIds"] == [nics[0]["SubnetId"]] * 4
+    head = cluster["available_node_types"][cluster["head_node_type"]]["node_config"]
+    assert head["SecurityGroupIds"] == nics[0]["Groups"], "head and GPU nodes share the self-admitting group"
+    provider = cluster["provider"]
+    assert "," not in provider["availability_zone"], "EFA and the placement group: one zone"
+    assert provider["use_internal_ips"] is True, "several interfaces: the GPU nodes get no public IPv4"
+    options = gpu["docker"]["worker_run_options"]
+    devices = {o.split("=", 1)[1] for o in options if o.startswith("--device=")}
+    assert devices == {f"/dev/infiniband/uverbs{i}" for i in range(4)}
+    assert "--ulimit memlock=-1" in cluster["docker"]["run_options"], "EFA registers (locks) memory"
+
+
+def test_nccl_environment_reaches_the_gpu_workers_and_only_them(cluster):
+    # Ray cluster launcher: on the GPU containers (raylet -> every worker process inherits it), not the head
+    gpu_env = docker_env(gpu_node_type(cluster)["docker"]["worker_run_options"])
+    assert {**EFA_ENV, **GPU_ENV}.items() <= gpu_env.items()
+    common = docker_env(cluster["docker"]["run_options"] + cluster["docker"].get("head_run_options", []))
+    assert not set(EFA_ENV) & set(common), "the CPU head has no EFA"
+    # KubeRay: the 2-node job's GPU pods, with the EFA devices requested
+    spec = rayjob()["spec"]["rayClusterSpec"]
+    (worker,) = containers(spec["workerGroupSpecs"][0]["template"])
+    pod_env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert {**EFA_ENV, **GPU_ENV}.items() <= pod_env.items()
+    assert {k: v for k, v in pod_env.items() if k.startswith(("FI_", "NCCL_"))} == {
+        k: v for k, v in gpu_env.items() if k.startswith(("FI_", "NCCL_"))}, "both cluster files agree"
+    for section in ("requests", "limits"):
+        assert int(worker["resources"][section]["vpc.amazonaws.com/efa"]) == 4
+    (head,) = containers(spec["headGroupSpec"]["template"])
+    assert not {e["name"] for e in head["env"]} & set(EFA_ENV)
+
+
+def test_dockerfile_has_efa_user_space_and_the_nccl_plugin():
+    text = (INFRA / "Dockerfile").read_text()
+    args = dockerfile_args()
+    assert args["EFA_INSTALLER_VERSION"] and args["AWS_OFI_NCCL_VERSION"]
+    install = re.search(r"efa_installer\.sh ([^\n&]*)", text).group(1).split()
+    assert {"-y", "--skip-kmod", "--no-verify"} <= set(install), "user space only: the host has the driver"
+    configure = re.search(r"\./configure ((?:[^\n]*\\\n)*[^\n]*)", text).group(1)
+    assert "--with-libfabric=/opt/amazon/efa" in configure and "--with-cuda=" in configure
+    prefix = re.search(r"--prefix=(\S+)", configure).group(1)
+    (ld_path,) = re.findall(r"LD_LIBRARY_PATH=(\S+)", text)
+    assert f"{prefix}/lib" in ld_path.split(":") and "/opt/amazon/efa/lib" in ld_path.split(":")
+    image_wide = re.search(r"^\s*(ENV|ARG)\b[^\n]*\bFI_PROVIDER", text, re.MULTILINE)
+    assert not image_wide, "FI_PROVIDER is set per GPU node, not image-wide"
 
 
 # -- MLflow server --------------------------------------------------------------------------------------
@@ -318,3 +436,15 @@ def test_single_node_profile_is_the_paper_recipe_on_8_gpus():
         assert a["batch_per_rank"] == b["batch_per_rank"], "the per-GPU batch of the paper is kept"
         for key in ("lr", "weight_decay", "grad_clip", "schedule", "epochs"):
             assert a[key] == b[key], (stage, key)
+
+
+@pytest.mark.parametrize("name", ["paper", "single-node-8gpu"])
+def test_gpu_profiles_give_each_deepspeed_setting_a_reason(name):
+    lines = [ln for ln in (REPO / "pipelines" / "profiles" / f"{name}.yaml").read_text().splitlines()
+             if ln.startswith("ds_")]
+    assert {ln.split(":")[0] for ln in lines} >= {"ds_overlap_comm", "ds_contiguous_gradients", "ds_comm_dtype",
+                                                 "ds_reduce_bucket_size", "ds_allgather_bucket_size",
+                                                 "ds_grad_accum_dtype"}
+    for ln in lines:
+        assert len(ln.partition("#")[2].strip()) > 20, f"{name}.yaml: no reason given for {ln!r}"
+    assert isinstance(profile(name)["ds_reduce_bucket_size"], int), "an int (YAML reads 2e8 as a string)"

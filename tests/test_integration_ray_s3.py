@@ -4,16 +4,14 @@ round trip against a moto server on loopback started and stopped here."""
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import boto3
 import pytest
 
 from xsam.data.fixtures import generate
 from xsam.data.schema import Sample
 
-from helpers import free_port  # tests/ is on sys.path (conftest)
+from helpers import start_moto  # tests/ is on sys.path (conftest)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,21 +63,9 @@ def test_ray_data_reads_the_shards(local_run):
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint, client = start_moto("xsam")
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
-    for _ in range(100):
-        try:
-            client.list_buckets()
-            break
-        except Exception:
-            time.sleep(0.1)
-    client.create_bucket(Bucket="xsam")
     yield client, env
     proc.terminate()
     proc.wait(timeout=10)

@@ -57,8 +57,7 @@ def setup(tmp_path_factory):
     for seed in (0, 1):
         cfg, model = tiny_model(tok, "s3", seed=seed)
         folder = tmp / f"ckpt{seed}" / "export"
-        save_stage_checkpoint(model, S3, cfg, folder)
-        tok.save_pretrained(str(folder / "tokenizer"))
+        save_stage_checkpoint(model, S3, cfg, folder, tokenizer=tok)  # the tokenizer files at the export root
         checkpoints.append(str(folder))
     return tmp, shards, checkpoints
 

@@ -64,11 +64,11 @@ def test_every_task_returns_masks_at_the_original_size(trained):
 
 
 def test_predict_command_line(trained, tmp_path):
-    model, tok, ex, tok_folder, cfg = trained
-    save_stage_checkpoint(model, S3, cfg, tmp_path / "ckpt")
+    model, tok, ex, _, cfg = trained
+    save_stage_checkpoint(model, S3, cfg, tmp_path / "ckpt", tokenizer=tok)  # the CLI uses the export's tokenizer
     Image.fromarray(ex.image).save(tmp_path / "in.png")
     out = subprocess.run([sys.executable, "-m", "xsam.model.predict", "--checkpoint", str(tmp_path / "ckpt"),
-                          "--tokenizer", str(tok_folder), "--image", str(tmp_path / "in.png"), "--task", "referring",
+                          "--image", str(tmp_path / "in.png"), "--task", "referring",
                           "--prompt", "the box", "--out", str(tmp_path / "o.png")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -32,10 +32,10 @@ from xsam.data.shards import iter_tar, read_manifest, shard_urls, split_dir
 from xsam.model import templates as T
 from xsam.model.batching import collate
 from xsam.model.config import tiny
-from xsam.model.preprocess import SAM_MEAN, SAM_STD
+from xsam.model.preprocess import SAM_MEAN, SAM_STD, ResizeCrop, crop_masks
 from xsam.model.tokenizer import build_tiny_tokenizer, parse_gcg
 from xsam.model.xsam import DecodeMode
-from xsam.train.augment import PAD_COLOR, jitter_geometry, large_scale_jitter
+from xsam.train.augment import draw_jitter, jitter_geometry, large_scale_jitter, visible
 from xsam.train.formatting import Formatter, collate_s1, decode_image
 
 FORMATS = ["coco_panoptic", "refer", "labelme", "gcg_grandf", "gcg_flickr", "gcg_refcocog", "coco_vgd", "psalm_interactive", "llava"]
@@ -441,6 +441,8 @@ def test_interactive_one_region_per_annotation(shards):
 
 # --------------------------------------------------------------------------- S1
 def test_s1_labels_contiguous_and_masks_follow_jitter(shards):
+    """The formatter draws the jitter and drops the masks it crops away; image and masks stay at the
+    original size (the device transform resamples them)."""
     data, ls = shards
     fmt = Formatter("s1", ls, sam_size=256)
     for sample, img in data["fixture_coco_panoptic"]:
@@ -449,14 +451,14 @@ def test_s1_labels_contiguous_and_masks_follow_jitter(shards):
         for seed in range(4):
             (out,) = fmt(sample, img, rng(seed))
             ex = out.example
-            assert ex.turns == [] and out.mode is DecodeMode.per_sample
-            assert ex.image.shape == (256, 256, 3) and ex.masks.shape[1:] == (256, 256)
-            scale = rng(seed).uniform(0.1, 2.0)  # the jitter's one draw
             h, w = sample.image.height, sample.image.width
+            assert ex.turns == [] and out.mode is DecodeMode.per_sample
+            assert ex.image.shape == (h, w, 3) and ex.masks.shape[1:] == (h, w) and ex.masks.dtype == bool
+            scale = rng(seed).uniform(0.1, 2.0)  # the jitter's one draw
             (nh, nw), (oy, ox), (ch, cw) = jitter_geometry(h, w, scale, 256)
-            assert out.valid_size == (ch, cw)
-            assert (ex.image[ch:] == PAD_COLOR).all() and (ex.image[:, cw:] == PAD_COLOR).all()
-            assert not ex.masks[:, ch:].any() and not ex.masks[:, :, cw:].any()
+            assert out.crop == ResizeCrop(resized=(nh, nw), offset=(oy, ox), valid=(ch, cw))
+            framed = crop_masks(torch.from_numpy(ex.masks), out.crop, 256).numpy()
+            assert not framed[:, ch:].any() and not framed[:, :, cw:].any()
             kept = 0
             for seg in plain:
                 m = mask_of(seg.mask)
@@ -465,11 +467,36 @@ def test_s1_labels_contiguous_and_masks_follow_jitter(shards):
                 expect = m[rows][:, cols]
                 if not expect.any():
                     continue  # cropped away: dropped
-                assert np.array_equal(ex.masks[kept, :ch, :cw], expect)
+                assert np.array_equal(ex.masks[kept], m)
+                assert np.array_equal(framed[kept, :ch, :cw], expect)
                 assert ex.labels[kept] == order.index(seg.category_id)
                 kept += 1
             assert kept == len(ex.masks) == len(ex.labels)
             assert all(0 <= lab < len(order) for lab in ex.labels)
+
+
+def test_visible_is_what_the_jitter_leaves_non_empty():
+    """`visible` (the formatter's drop rule, no resampling) == non-empty after the CPU reference jitter,
+    including thin masks on rows / columns a downscale skips and masks outside an upscale's crop."""
+    gen = np.random.default_rng(0)
+    seen = set()
+    for seed in range(40):
+        h, w = int(gen.integers(8, 90)), int(gen.integers(8, 90))
+        masks = np.zeros((6, h, w), bool)
+        for k in range(6):
+            y, x = int(gen.integers(0, h)), int(gen.integers(0, w))
+            if k == 1:
+                masks[k, y, :] = True  # one row
+            elif k % 2:
+                masks[k, y, x] = True  # one pixel
+            else:
+                masks[k, y:y + 3, x:x + 3] = True
+        _, crop = draw_jitter(h, w, rng(seed), 64)
+        expected = large_scale_jitter(np.zeros((h, w, 3), np.uint8), masks, rng(seed), 64).masks.any(axis=(1, 2))
+        got = visible(masks, crop)
+        assert np.array_equal(got, expected), seed
+        seen.update(got.tolist())
+    assert seen == {True, False}
 
 
 def test_jitter_keeps_mask_on_image_and_bbox_scales():
@@ -504,27 +531,38 @@ def test_jitter_keeps_mask_on_image_and_bbox_scales():
 
 
 def test_collate_s1_and_forward(shards):
+    """collate_s1 ships uint8 images and bool masks at the original size; prepared (here on the CPU) they
+    equal the CPU reference jitter: masks exactly, pixels within 1 grey level (PIL's uint8 rounding)."""
     from xsam.model.builder import build_model
     from xsam.model.stages import STAGES
 
     data, ls = shards
     cfg = tiny()
-    fmt = Formatter("s1", ls, sam_size=cfg.sam.image_size)
-    items = [f for i, (s, img) in enumerate(data["fixture_coco_panoptic"][:3]) for f in fmt(s, img, rng(i))]
-    pixels, targets = collate_s1(items, cfg)
     size = cfg.sam.image_size
-    assert pixels.shape == (3, 3, size, size) and len(targets) == 3
-    for f, x, t in zip(items, pixels, targets):
-        h, w = f.valid_size
-        assert (x[:, h:] == 0).all() and (x[:, :, w:] == 0).all()
-        expect = (torch.from_numpy(f.example.image[:h, :w]).permute(2, 0, 1).float()
-                  - torch.tensor(SAM_MEAN)[:, None, None]) / torch.tensor(SAM_STD)[:, None, None]
-        assert torch.allclose(x[:, :h, :w], expect)
-        assert t["labels"].tolist() == f.example.labels and t["masks"].shape == (len(f.example.labels), size, size)
-        assert t["masks"].dtype == torch.bool and torch.equal(t["masks"], torch.from_numpy(f.example.masks))
+    fmt = Formatter("s1", ls, sam_size=size)
+    pairs = data["fixture_coco_panoptic"][:3]
+    items = [f for i, (s, img) in enumerate(pairs) for f in fmt(s, img, rng(i))]
+    raw = collate_s1(items)
+    assert raw.raw and len(raw) == 3 and raw.crops == [f.crop for f in items]
+    for f, im, t in zip(items, raw.images, raw.targets):
+        assert im.dtype == torch.uint8 and im.shape == (3, *f.example.image.shape[:2])
+        assert t["masks"].dtype == torch.bool and t["masks"].shape[1:] == f.example.image.shape[:2]
+        assert t["labels"].tolist() == f.example.labels
+    prepared = raw.prepared(size)
+    assert prepared.sam_pixels.shape == (3, 3, size, size) and not prepared.raw
+    for i, ((sample, img), f, x, t) in enumerate(zip(pairs, items, prepared.sam_pixels, prepared.targets)):
+        segs = [s for s in sample.segments if not s.iscrowd]
+        image = decode_image(img)
+        ref = large_scale_jitter(image, np.stack([mask_of(s.mask) for s in segs]), rng(i), size)
+        h, w = ref.valid_size
+        assert (x[:, h:, :] == 0).all() and (x[:, :, w:] == 0).all()
+        grey = x[:, :h, :w] * torch.tensor(SAM_STD)[:, None, None] + torch.tensor(SAM_MEAN)[:, None, None]
+        assert (grey - torch.from_numpy(ref.image[:h, :w]).permute(2, 0, 1).float()).abs().max() <= 1.0 + 1e-3
+        keep = ref.masks.any(axis=(1, 2))
+        assert t["masks"].dtype == torch.bool and torch.equal(t["masks"], torch.from_numpy(ref.masks[keep]))
     torch.manual_seed(0)
     model = build_model(cfg, STAGES["s1"].parts)
-    losses, _ = model.forward_s1(pixels, targets)
+    losses, _ = model(raw)  # the model prepares the raw batch itself
     assert torch.isfinite(losses["total"])
 
 

@@ -6,8 +6,10 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 from helpers import convert_fixtures
 
+from xsam.train.formatting import Formatter, collate_s1
 from xsam.train.loader import Loader
 from xsam.train.sampling import Schedule
 from xsam.train.shard_index import ShardIndex
@@ -141,3 +143,36 @@ def test_errors_surface_at_their_batch(index):
     assert len(got) == 3 and loader.state() == (0, 3)  # 2 samples per batch: the 4th batch failed
     with pytest.raises(ValueError, match="not in the index"):
         Loader(index, Schedule({"nope": 3}), 0, fmt, collate, SEED)
+
+
+def _assert_same_s1_batches(a, b):
+    assert [(p, d) for p, d, _ in a] == [(p, d) for p, d, _ in b]
+    for (_, _, x), (_, _, y) in zip(a, b):
+        assert x.raw and x.crops == y.crops
+        assert all(torch.equal(i, j) and i.dtype == torch.uint8 for i, j in zip(x.images, y.images, strict=True))
+        for s, t in zip(x.targets, y.targets, strict=True):
+            assert torch.equal(s["labels"], t["labels"]) and torch.equal(s["masks"], t["masks"])
+            assert s["masks"].dtype == torch.bool
+
+
+def test_real_batches_are_the_same_with_threads_and_after_a_resume(index):
+    """The real S1 formatter (decode, RLE, jitter draw) + collate_s1: 3 loader threads give the batches of
+    1 thread without prefetch, also resumed mid-epoch; loader threads run torch single-threaded."""
+    fmt = Formatter("s1", index.label_spaces(), sam_size=64)
+    s = Schedule({"fixture_coco_panoptic": index.counts()["fixture_coco_panoptic"]}, t=0.5, batch_per_rank=2,
+                 world_size=2, seed=SEED)
+    torch_threads = []
+
+    def collate_s1_recording(items):
+        torch_threads.append(torch.get_num_threads())
+        return collate_s1(items)
+
+    main_threads = torch.get_num_threads()
+    full = run(Loader(index, s, 1, fmt, collate_s1, SEED, num_epochs=2))
+    assert len(full) >= 4
+    threaded = Loader(index, s, 1, fmt, collate_s1_recording, SEED, num_epochs=2, prefetch=6, threads=3)
+    head = run(threaded, limit=len(full) // 2 + 1)
+    tail = run(Loader(index, s, 1, fmt, collate_s1_recording, SEED, start=threaded.state(), num_epochs=2,
+                      prefetch=6, threads=3))
+    _assert_same_s1_batches(head + tail, full)
+    assert set(torch_threads) == {1} and torch.get_num_threads() == main_threads

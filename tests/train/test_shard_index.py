@@ -1,14 +1,21 @@
-"""ShardIndex: tar-header offsets read back the same bytes as the real webdataset reader."""
+"""ShardIndex: tar-header offsets read back the same bytes as the real webdataset reader; the stored
+index of each split is read instead of the shards when valid, and rebuilt when not."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
+import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from helpers import convert_fixtures, read_split
 
+from xsam.data import storage
 from xsam.data.shards import iter_tar, shard_urls
+from xsam.train import index_cache
 from xsam.train import shard_index as si
 from xsam.train.shard_index import SampleRef, ShardIndex
 
@@ -51,8 +58,8 @@ def test_every_sample_matches_the_webdataset_reader(converted):
 
 
 def test_stream_walk_equals_seek_walk(converted):
-    seek = ShardIndex.build(converted, SPLITS, headers="seek", threads=1)
-    stream = ShardIndex.build(converted, SPLITS, headers="stream", threads=4)
+    seek = ShardIndex.build(converted, SPLITS, headers="seek", threads=1, cache=False)
+    stream = ShardIndex.build(converted, SPLITS, headers="stream", threads=4, cache=False)
     assert seek.refs == stream.refs
     assert seek.fingerprint() == stream.fingerprint()
 
@@ -76,23 +83,121 @@ def test_manifests_label_spaces_and_fingerprint(converted):
     assert si._fingerprint(changed) != fp
 
 
-def test_cache_is_used_only_when_it_matches(converted, tmp_path, monkeypatch):
-    cache = str(tmp_path / "index.json")
-    built = ShardIndex.build(converted, SPLITS, cache=cache)
+# ---------------------------------------------------------------- the stored index of each split
 
-    def no_walk(*a, **k):
-        raise AssertionError("walked the shards despite a valid cache")
 
-    monkeypatch.setattr(si, "_walk_shard", no_walk)
-    loaded = ShardIndex.build(converted, SPLITS, cache=cache)
-    assert loaded.refs == built.refs and loaded.fingerprint() == built.fingerprint()
+@pytest.fixture
+def shards(converted, tmp_path):
+    """A private copy of the converted shards without stored indexes (these tests write and damage them)."""
+    return str(shutil.copytree(converted, tmp_path / "shards", ignore=shutil.ignore_patterns("index-*.bin")))
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Every location the storage layer resolves (each open, read, stat or write goes through it)."""
+    seen: list[str] = []
+    real = storage.resolve
+
+    def spy(location):
+        seen.append(location)
+        return real(location)
+
+    monkeypatch.setattr(storage, "resolve", spy)
+    return seen
+
+
+def index_files(root) -> list[Path]:
+    return sorted(Path(root).glob("*/*/index-*.bin"))
+
+
+def test_second_build_reads_one_stored_file_per_split_and_no_shard(shards, opened, monkeypatch):
+    moves = []
+    monkeypatch.setattr(storage, "move", lambda *a: moves.append(a))
+    built = ShardIndex.build(shards, SPLITS)
+    assert any(loc.endswith(".tar") for loc in opened), "the first build walks the shards"
+    assert not moves, "the index is written straight to its final name"
+    files = index_files(shards)
+    assert len(files) == len(SPLITS)
+    for dataset, split in SPLITS:  # beside its manifest, named by the digest of the manifest's bytes
+        manifest = Path(shards, dataset, split, "manifest.json")
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        assert Path(shards, dataset, split, f"index-{digest}.bin") in files
+    opened.clear()
+    loaded = ShardIndex.build(shards, SPLITS)
+    assert not [loc for loc in opened if loc.endswith(".tar")], "a shard was opened despite the stored index"
+    assert {loc for loc in opened if "index-" in loc} == {str(f) for f in files}
+    assert loaded.refs == built.refs and loaded.manifests == built.manifests
+    assert loaded.fingerprint() == built.fingerprint()
+    assert loaded.refs == ShardIndex.build(shards, SPLITS, cache=False, headers="stream").refs
     ref = loaded.refs["fixture_refcoco"][0]
-    assert loaded.read(ref)[1] == built.read(ref)[1]
-    with pytest.raises(AssertionError, match="despite"):  # other splits: the cache does not match
-        ShardIndex.build(converted, SPLITS[:2], cache=cache)
-    (tmp_path / "index.json").write_text("{not json")
-    monkeypatch.undo()
-    assert ShardIndex.build(converted, SPLITS, cache=cache).refs == built.refs  # corrupt cache: rebuilt
+    assert loaded.read(ref) == built.read(ref)
+    tars = sum(f.stat().st_size for f in Path(shards).rglob("*.tar"))
+    assert sum(f.stat().st_size for f in files) < tars / 20
+
+
+def test_a_changed_manifest_is_indexed_again(shards, opened):
+    built = ShardIndex.build(shards, SPLITS)
+    manifest = Path(shards, "fixture_refcoco", "train", "manifest.json")
+    before = manifest.read_bytes()
+    manifest.write_text(json.dumps(json.loads(before), indent=3) + "\n")  # same content, other bytes
+    assert manifest.read_bytes() != before
+    opened.clear()
+    again = ShardIndex.build(shards, SPLITS)
+    walked = {loc for loc in opened if loc.endswith(".tar")}
+    assert walked and all("/fixture_refcoco/train/" in loc for loc in walked), "only the changed split"
+    assert again.refs == built.refs
+    assert len(list(Path(shards, "fixture_refcoco", "train").glob("index-*.bin"))) == 2  # old + new digest
+
+
+def _truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _flip_a_body_byte(data: bytes) -> bytes:
+    i = len(data) - 40
+    return data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_body_byte, lambda d: b"", lambda d: b"{not an index"],
+                         ids=["truncated", "flipped-byte", "empty", "garbage"])
+def test_a_damaged_index_is_rebuilt_never_trusted(shards, opened, damage):
+    built = ShardIndex.build(shards, SPLITS)
+    target = next(f for f in index_files(shards) if "fixture_coco_vgd" in str(f))
+    target.write_bytes(damage(target.read_bytes()))
+    opened.clear()
+    again = ShardIndex.build(shards, SPLITS)
+    assert {loc for loc in opened if loc.endswith(".tar")}, "the damaged split was walked again"
+    assert again.refs == built.refs
+    opened.clear()
+    ShardIndex.build(shards, SPLITS)  # and its index was written again, whole
+    assert not [loc for loc in opened if loc.endswith(".tar")]
+
+
+def test_a_valid_index_of_another_split_is_not_trusted(shards, opened):
+    built = ShardIndex.build(shards, SPLITS)
+    (mine,) = Path(shards, "fixture_coco_panoptic", "val").glob("index-*.bin")
+    (other,) = Path(shards, "fixture_coco_panoptic", "train").glob("index-*.bin")
+    mine.write_bytes(other.read_bytes())  # intact checksum, wrong split / digest / shards
+    opened.clear()
+    assert ShardIndex.build(shards, SPLITS).refs == built.refs
+    assert any("/fixture_coco_panoptic/val/" in loc and loc.endswith(".tar") for loc in opened)
+
+
+def test_the_stored_index_round_trips_exactly(converted):
+    index = ShardIndex.build(converted, SPLITS, cache=False)
+    for dataset, split in SPLITS:
+        refs = [r for r in index.refs[dataset] if r.split == split]
+        directory = str(Path(converted, dataset, split))
+        manifest, digest = index.manifest(dataset, split), "ab" * 32
+        data = index_cache.encode(directory, dataset, split, manifest, digest, refs)
+        assert index_cache.decode(data, directory, dataset, split, manifest, digest) == refs
+        with pytest.raises(ValueError, match="manifest_sha256"):
+            index_cache.decode(data, directory, dataset, split, manifest, "cd" * 32)
+
+
+def test_cache_false_writes_nothing(shards):
+    ShardIndex.build(shards, SPLITS, cache=False)
+    assert not index_files(shards)
 
 
 def test_pickle_and_concurrent_reads(converted):

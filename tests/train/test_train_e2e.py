@@ -3,6 +3,7 @@ tiny preset, fixture shards: S1 -> S2 -> S3 chained by exports, losses fall, MLf
 numbers, a worker failure resumes without skipping or repeating samples, exports reload exactly."""
 
 import json
+import math
 import os
 import re
 import sys
@@ -55,19 +56,26 @@ def _history(cfg, key="loss.total"):
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_three_stages_chain_and_learn(env, zero):
+def test_three_stages_chain_and_learn_in_bf16(env, zero):
+    """bf16 end to end, as every GPU profile runs: DeepSpeed casts the parameters, the model casts the
+    images at its boundary, targets stay bool until the loss, losses are fp32. The fp32 path runs in
+    the resume test below and in the workflow tests."""
     tmp, _ = env
     runs = tmp / "runs"
-    s1 = _cfg(env, "s1", zero, f"z{zero}-s1", lr=1e-3, grad_clip=1.0, epochs=6, schedule="cosine")
+    s1 = _cfg(env, "s1", zero, f"z{zero}-s1", lr=1e-3, grad_clip=1.0, epochs=6, schedule="cosine", bf16=True)
     run(s1)
     losses = _history(s1)
-    assert len(losses) == 18 and sum(losses[-3:]) < sum(losses[:3]), losses
-    s2 = _cfg(env, "s2", zero, f"z{zero}-s2", epochs=4, init_from=[str(runs / f"z{zero}-s1" / "export")])
+    assert len(losses) == 18 and all(map(math.isfinite, losses)), losses
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    s2 = _cfg(env, "s2", zero, f"z{zero}-s2", epochs=4, init_from=[str(runs / f"z{zero}-s1" / "export")], bf16=True)
     run(s2)
     assert _history(s2, "loss.lm")[-1] < _history(s2, "loss.lm")[0]
-    s3 = _cfg(env, "s3", zero, f"z{zero}-s3", datasets=S3_MIX, max_steps=6, lr=1e-3,
+    s3 = _cfg(env, "s3", zero, f"z{zero}-s3", datasets=S3_MIX, max_steps=6, lr=1e-3, bf16=True,
               init_from=[str(runs / f"z{zero}-s1" / "export"), str(runs / f"z{zero}-s2" / "export")])
     run(s3)
+    s3_losses = _history(s3)
+    assert len(s3_losses) == 6 and all(map(math.isfinite, s3_losses)), s3_losses
+    _predict_in_bf16(runs / f"z{zero}-s3" / "export")
     manifest = json.loads((runs / f"z{zero}-s3" / "export" / "manifest.json").read_text())
     assert manifest["stage"] == "s3" and manifest["train_config"]["zero_stage"] == zero
     init = manifest["init_reports"]
@@ -87,22 +95,43 @@ def test_three_stages_chain_and_learn(env, zero):
     assert len(seen) >= 2  # per-source sample counts; batches come from one source at a time
 
 
+def _predict_in_bf16(export):
+    """The bf16 S3 export reloads and predicts in bf16 through the public API."""
+    import numpy as np
+
+    from xsam.model.predict import load_for_inference, predict
+
+    model, tok = load_for_inference(export)
+    model = model.to(torch.bfloat16)
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for task, prompt in (("semantic", "cat, dog"), ("referring", "the cat on the left")):
+        pred = predict(model, tok, image, task, prompt)
+        assert all(np.asarray(m).shape == (48, 64) for m in pred.masks), task
+        assert all(math.isfinite(s) for s in pred.scores), task
+
+
 def test_exported_checkpoint_equals_the_deepspeed_checkpoint(env):
-    """The consolidated export (ZeRO-3 gather) holds exactly the weights of the last DeepSpeed
-    checkpoint (consolidated offline by DeepSpeed's zero_to_fp32), so it reloads to identical outputs."""
+    """The consolidated export (ZeRO-3 gather of a bf16 run) holds exactly the weights of the last
+    DeepSpeed checkpoint (its fp32 master weights, consolidated offline by DeepSpeed's zero_to_fp32)
+    rounded to the training dtype, so it reloads to identical outputs."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import load_file
+
+    from xsam.model.export import load_export
 
     tmp, _ = env
     folder = tmp / "runs" / "z3-s1"
     if not (folder / "export").exists():
-        run(_cfg(env, "s1", 3, "z3-s1", epochs=1))
+        run(_cfg(env, "s1", 3, "z3-s1", epochs=1, bf16=True))
     checkpoints = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     zero_state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1]), tag="ds")
-    export = load_file(str(folder / "export" / "model.safetensors"))
+    export, manifest = load_export(folder / "export")  # Hugging Face layout, checked complete
+    names = {p.name for p in (folder / "export").iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors"} <= names
+    assert set(manifest["files"]) == names - {"manifest.json"}
     assert export and set(export) <= set(zero_state)
+    assert {v.dtype for v in export.values()} == {torch.bfloat16}  # what the bf16 run computed with
     for key, value in export.items():
-        assert torch.equal(value.float(), zero_state[key].float()), key
+        assert torch.equal(value, zero_state[key].to(value.dtype)), key
 
     from xsam.model.builder import build_model
     from xsam.model.checkpoint import load_stage_checkpoint, read_manifest
@@ -112,7 +141,8 @@ def test_exported_checkpoint_equals_the_deepspeed_checkpoint(env):
     cfg = XSAMConfig.from_dict(read_manifest(folder / "export")["config"])
     a, b = build_model(cfg, S1.parts), build_model(cfg, S1.parts)
     load_stage_checkpoint(a, folder / "export", S1)
-    b.load_state_dict({**b.state_dict(), **{k: v.float() for k, v in zero_state.items() if k in b.state_dict()}})
+    b.load_state_dict({**b.state_dict(), **{k: v.to(torch.bfloat16).float() for k, v in zero_state.items()
+                                            if k in b.state_dict()}})
     x = torch.randn(1, 3, cfg.sam.image_size, cfg.sam.image_size)
     with torch.no_grad():
         fa = a.segmentor.features(a.sam.features(x))[0]
@@ -120,7 +150,11 @@ def test_exported_checkpoint_equals_the_deepspeed_checkpoint(env):
     assert torch.equal(fa, fb)
 
 
-def test_worker_failure_resumes_without_skipping_or_repeating(env):
+def test_worker_failure_resumes_exactly(env):
+    """A worker dies after the step-4 checkpoint; the group restarts from it. The resumed run trains
+    every scheduled sample once (no skip, no repeat) and, because the checkpoint carries every RNG state
+    a step draws from, ends with weights BIT-IDENTICAL to a run that never failed (fp32, ZeRO-2)."""
+    from xsam.model.export import load_export
     from xsam.train.sampling import Schedule
     from xsam.train.shard_index import ShardIndex
 
@@ -129,6 +163,12 @@ def test_worker_failure_resumes_without_skipping_or_repeating(env):
     cfg = _cfg(env, "s1", 2, "fail-s1", epochs=3, fail_at_step=4, trace=str(trace))
     result = run(cfg)
     assert result.metrics["step"] == 9
+    run(_cfg(env, "s1", 2, "nofail-s1", epochs=3))
+    resumed, _ = load_export(tmp / "runs" / "fail-s1" / "export")
+    straight, _ = load_export(tmp / "runs" / "nofail-s1" / "export")
+    assert resumed.keys() == straight.keys()
+    differ = [k for k in resumed if not torch.equal(resumed[k], straight[k])]
+    assert not differ, differ
 
     # the last occurrence of each (rank, step) is what the finished run trained on
     done: dict[tuple[int, int], list[str]] = {}

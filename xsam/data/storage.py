@@ -149,3 +149,11 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
     with open_output(tmp) as f:
         f.write(data)
     move(tmp, location)
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write `data` straight to `location`: no temporary name, no rename, no copy. On S3 one PUT (or a
+    multipart upload) whose completion is atomic, at any size; locally a crash can leave a partial file,
+    so a caller that needs all-or-nothing commits with a record written last (exports: manifest.json)."""
+    with open_output(location) as f:
+        f.write(data)

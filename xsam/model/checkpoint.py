@@ -1,62 +1,57 @@
-"""Stage checkpoints: what a stage trains, as safetensors, plus a manifest of keys.
-
-    <folder>/model.safetensors   the exported tensors (stage policy's `exports` prefixes)
-    <folder>/manifest.json       {"stage", "config", "keys": {name: [shape...]}}
+"""Stage checkpoints: what a stage trains, as an export (xsam.model.export: Hugging Face layout,
+sharded safetensors + config.json + tokenizer + a manifest of keys and files written last).
 
 The next stage loads one by exact key (`load_stage_checkpoint`): every exported key must exist in
 the new model with the same shape (a mismatch is an error unless explicitly allowed); keys of parts
 the new stage does not build (S1's segmentor when S2 takes its SAM) are skipped and reported as
-ignored; the report lists matched / missing / unexpected / ignored / mismatched keys.
+ignored; the report lists matched / missing / unexpected / ignored / mismatched keys. Exports are
+read from a folder or an s3:// prefix directly, after the completeness checks of `load_export`.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
-from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from xsam.model.config import XSAMConfig
+from xsam.model.export import DEFAULT_SHARD_SIZE, ExportResult, load_export, read_manifest, write_export
 from xsam.model.stages import StagePolicy
 from xsam.model.weights import LoadReport, load_checked
+
+__all__ = ["export_state", "load_stage_checkpoint", "load_stage_state", "read_manifest", "save_stage_checkpoint"]
 
 
 def _exported(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def save_stage_checkpoint(model: nn.Module, policy: StagePolicy, cfg: XSAMConfig, folder: str | Path,
-                          extra: dict | None = None) -> Path:
-    return export_state(model.state_dict(), policy, cfg, folder, extra)
+def save_stage_checkpoint(model: nn.Module, policy: StagePolicy, cfg: XSAMConfig, location: str | os.PathLike,
+                          extra: dict | None = None, tokenizer=None,
+                          max_shard_size: int = DEFAULT_SHARD_SIZE) -> ExportResult:
+    return export_state(model.state_dict(), policy, cfg, location, extra, tokenizer, max_shard_size)
 
 
-def export_state(state: dict, policy: StagePolicy, cfg: XSAMConfig, folder: str | Path,
-                 extra: dict | None = None) -> Path:
-    """Write the policy's exported tensors of a (consolidated) state dict + the key manifest."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if _exported(k, policy.exports)}
-    save_file(tensors, str(folder / "model.safetensors"))
-    manifest = {"stage": policy.name, "config": cfg.to_dict(),
-                "keys": {k: list(v.shape) for k, v in sorted(tensors.items())}, **(extra or {})}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-    return folder
+def export_state(state: dict[str, torch.Tensor], policy: StagePolicy, cfg: XSAMConfig, location: str | os.PathLike,
+                 extra: dict | None = None, tokenizer=None, max_shard_size: int = DEFAULT_SHARD_SIZE) -> ExportResult:
+    """Export the policy's tensors of a (consolidated) state dict to a folder or s3:// prefix."""
+    tensors = {k: v for k, v in state.items() if _exported(k, policy.exports)}
+    return write_export(location, tensors, cfg, policy.name, tokenizer=tokenizer, extra=extra,
+                        max_shard_size=max_shard_size)
 
 
-def read_manifest(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "manifest.json").read_text())
-
-
-def load_stage_checkpoint(model: nn.Module, folder: str | Path, policy: StagePolicy,
-                          allow_mismatch: bool = False) -> LoadReport:
-    """Load an earlier stage's export into `model` (built for `policy`) by exact key."""
-    state = load_file(str(Path(folder) / "model.safetensors"))
-    manifest = read_manifest(folder)
-    if set(manifest["keys"]) != set(state):
-        raise ValueError(f"{folder}: manifest and tensors disagree on {len(set(manifest['keys']) ^ set(state))} keys")
-    # keys of parts this stage does not build (e.g. S1's segmentor when S2 takes S1's SAM) are skipped
+def load_stage_state(model: nn.Module, state: dict[str, torch.Tensor], allow_mismatch: bool = False) -> LoadReport:
+    """Load an export's tensors into `model` by exact key, skipping parts the model does not build."""
     built = {name for name, _ in model.named_children()}
     absent = tuple(sorted({k.split(".", 1)[0] for k in state} - built))
     return load_checked(model, state, allow_mismatch=allow_mismatch, ignore_unexpected=absent,
                         strict_missing=False)
+
+
+def load_stage_checkpoint(model: nn.Module, location: str | os.PathLike, policy: StagePolicy,
+                          allow_mismatch: bool = False, verify: bool = True) -> LoadReport:
+    """Load an earlier stage's export into `model` (built for `policy`) by exact key. The export must be
+    complete (ExportError naming the missing manifest / file / key otherwise)."""
+    state, _ = load_export(location, verify=verify)
+    return load_stage_state(model, state, allow_mismatch)

@@ -146,3 +146,24 @@ def tiny() -> XSAMConfig:
 
 
 PRESETS = {"paper": paper, "tiny": tiny}
+
+
+def with_overrides(cfg: XSAMConfig, overrides: dict[str, Any] | None) -> XSAMConfig:
+    """`cfg` with nested fields replaced, e.g. {"llm": {"num_hidden_layers": 4}} (a paper-width model of
+    reduced depth for a GPU check). An unknown section or field is an error naming it."""
+    if not overrides:
+        return cfg
+    d = cfg.to_dict()
+    for section, value in overrides.items():
+        if section not in d:
+            raise ValueError(f"model_overrides: unknown section {section!r} (has: {', '.join(sorted(d))})")
+        if isinstance(d[section], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"model_overrides.{section}: expected a mapping of fields, got {value!r}")
+            unknown = sorted(set(value) - set(d[section]))
+            if unknown:
+                raise ValueError(f"model_overrides.{section}: unknown field(s) {', '.join(unknown)}")
+            d[section] = {**d[section], **value}
+        else:
+            d[section] = value
+    return XSAMConfig.from_dict(d)

@@ -1,11 +1,11 @@
 """Predict: image + task + prompt -> masks, labels, scores and an overlay picture.
 
     from xsam.model.predict import load_for_inference, predict, overlay
-    model, tokenizer = load_for_inference("checkpoints/s3", tokenizer="weights/phi3")
+    model, tokenizer = load_for_inference("checkpoints/s3")   # the export's own tokenizer
     pred = predict(model, tokenizer, image, "referring", "the man on the left")
     overlay(image, pred).save("out.png")
 
-    python -m xsam.model.predict --checkpoint DIR --tokenizer DIR --image in.jpg --task panoptic \\
+    python -m xsam.model.predict --checkpoint DIR --image in.jpg --task panoptic \\
         --prompt "person,sky,grass" --out overlay.png
 
 Segmentation tasks are teacher-forced (the answer template with <SEG> is given, one forward);
@@ -25,10 +25,17 @@ import torch
 from PIL import Image
 
 from xsam.model import postprocess
-from xsam.model.batching import Example, collate
+from xsam.model.batching import Example, collate_raw
 from xsam.model.preprocess import scaled_size
-from xsam.model.templates import (generic_question, gcg_question, interactive_question, referring_question,
-                                  seg_answer, vgd_question, with_image)
+from xsam.model.templates import (
+    gcg_question,
+    generic_question,
+    interactive_question,
+    referring_question,
+    seg_answer,
+    vgd_question,
+    with_image,
+)
 from xsam.model.tokenizer import END_TOKEN, SEG_TOKEN, encode_prompt, parse_gcg, token_id
 from xsam.model.xsam import XSAM, DecodeMode
 
@@ -62,7 +69,8 @@ def _categories(prompt: str | list[str] | None) -> list[str]:
 
 
 def _run(model: XSAM, tokenizer, example: Example, mode: DecodeMode) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = collate([example], mode, tokenizer, model.cfg)
+    """One example, teacher-forced; the model builds its views on its own device (XSAM.prepare)."""
+    batch = collate_raw([example], mode, tokenizer, model.cfg)
     _, _, out = model.decode(batch)
     return out["pred_logits"], out["pred_masks"]
 
@@ -121,7 +129,7 @@ def predict(model: XSAM, tokenizer, image: np.ndarray, task: PredictTask | str, 
                           res["scores"].tolist())
     # GCG: generate, parse the phrases, then decode them teacher-forced
     question = with_image(gcg_question(0))
-    batch = collate([Example(image, [(question, "")])], DecodeMode.none, tokenizer, model.cfg)
+    batch = collate_raw([Example(image, [(question, "")])], DecodeMode.none, tokenizer, model.cfg)
     batch.input_ids = [torch.tensor(encode_prompt(question, tokenizer))]
     batch.labels = [torch.full_like(batch.input_ids[0], -100)]
     generated = model.generate(batch, max_new_tokens, token_id(tokenizer, END_TOKEN))[0]
@@ -148,30 +156,33 @@ def overlay(image: np.ndarray, pred: Prediction, alpha: float = 0.5) -> Image.Im
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
-def load_for_inference(checkpoint: str | Path, tokenizer: str | Path):
-    """A consolidated stage checkpoint folder (manifest.json + model.safetensors, as exported by
-    xsam.model.checkpoint) + a tokenizer folder -> (model, tokenizer), ready for `predict`."""
+def load_for_inference(checkpoint: str | Path, tokenizer: str | Path | None = None):
+    """A stage export (folder or s3:// prefix, as written by xsam.model.export; read directly and
+    checked complete) -> (model, tokenizer), ready for `predict`. The tokenizer is the export's own
+    unless a tokenizer folder is given."""
     from transformers import AutoTokenizer
 
     from xsam.model.builder import build_model
-    from xsam.model.checkpoint import load_stage_checkpoint, read_manifest
+    from xsam.model.checkpoint import load_stage_state
     from xsam.model.config import XSAMConfig
+    from xsam.model.export import load_export, load_tokenizer
     from xsam.model.stages import S3
     from xsam.model.tokenizer import SPECIAL_TOKENS, add_special_tokens
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    tok = load_tokenizer(checkpoint) if tokenizer is None else AutoTokenizer.from_pretrained(str(tokenizer))
     add_special_tokens(tok)
-    cfg = XSAMConfig.from_dict(read_manifest(checkpoint)["config"])
+    state, manifest = load_export(checkpoint)
+    cfg = XSAMConfig.from_dict(manifest["config"])
     model = build_model(cfg, S3.parts, len(tok))
-    load_stage_checkpoint(model, checkpoint, S3)
+    load_stage_state(model, state)
     model.special_ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     return model.eval(), tok
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="exported S3 checkpoint folder")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--checkpoint", required=True, help="exported S3 checkpoint (folder or s3:// prefix)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the export's own)")
     p.add_argument("--image", required=True)
     p.add_argument("--task", required=True, choices=[t.value for t in PredictTask])
     p.add_argument("--prompt", help="categories (comma-separated) or a referring phrase")

@@ -13,13 +13,14 @@ Parts are injected: a stage builds only what it uses (S1: SAM + segmentor; S2: t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from xsam.model import preprocess
 from xsam.model.config import XSAMConfig
 from xsam.model.connector import SegConnector
 from xsam.model.criterion import SetCriterion
@@ -46,26 +47,90 @@ class XSAMBatch:
     """A batch of B images. Token sequences keep their placeholders (-200 image, -300 region).
 
     targets: one dict per decoder item - per image (per_sample) or per <SEG> in batch order
-    (per_phrase) - with labels [N] (condition indices) and masks [N, I, I] in the padded SAM frame.
+    (per_phrase) - with labels [N] (condition indices) and masks [N, ., .] bool.
+
+    Two forms. RAW, what the loader ships (`images` set, pixels None): images B x [3, H_b, W_b] uint8 and
+    every mask (regions, targets) bool at its image's ORIGINAL size. PREPARED (`prepared`, called by
+    `XSAM.prepare` at the model boundary; `images` None): the float32 views and every mask bool
+    [., I, I] in the padded SAM frame, all on one device.
     """
 
     mode: DecodeMode
-    sam_pixels: Tensor  # [B, 3, I, I]
-    siglip_pixels: Tensor | None = None  # [B, 3, S, S]
+    sam_pixels: Tensor | None = None  # [B, 3, I, I] float32 (prepared)
+    siglip_pixels: Tensor | None = None  # [B, 3, S, S] float32 (prepared)
     input_ids: list[Tensor] = field(default_factory=list)  # B x [T_b]
     labels: list[Tensor] = field(default_factory=list)  # B x [T_b]
-    region_masks: list[Tensor | None] = field(default_factory=list)  # B x [R_b, I, I] bool
+    region_masks: list[Tensor | None] = field(default_factory=list)  # B x [R_b, I, I] (raw: [R_b, H_b, W_b]) bool
     # VGD: a prompt may come from another image of the batch; B x [R_b] image index (default: own image)
     region_sources: list[Tensor | None] = field(default_factory=list)
     targets: list[dict[str, Tensor]] = field(default_factory=list)
+    images: list[Tensor] | None = None  # raw: B x [3, H_b, W_b] uint8 at the original size
+
+    @property
+    def raw(self) -> bool:
+        return self.images is not None
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else self.sam_pixels.shape[0]
+
+    def prepared(self, siglip_size: int | None, sam_size: int, device: torch.device | str | None = None) -> XSAMBatch:
+        """Raw -> prepared on `device` (default: the images' device); no SigLIP view when siglip_size is
+        None. A prepared batch is returned as it is."""
+        if not self.raw:
+            return self
+        dev = torch.device(device) if device is not None else self.images[0].device
+        sig, sam = preprocess.views([_on(im, dev) for im in self.images], siglip_size, sam_size)
+        r = len(self.region_masks)
+        framed = preprocess.frame_mask_list([_on(m, dev) for m in self.region_masks]
+                                            + [_on(t["masks"], dev) for t in self.targets], sam_size)
+        return replace(self, sam_pixels=sam, siglip_pixels=sig, images=None,
+                       input_ids=[_on(t, dev) for t in self.input_ids], labels=[_on(t, dev) for t in self.labels],
+                       region_masks=framed[:r], region_sources=[_on(t, dev) for t in self.region_sources],
+                       targets=[{**t, "labels": _on(t["labels"], dev), "masks": m}
+                                for t, m in zip(self.targets, framed[r:])])
 
 
 @dataclass
 class S1Batch:
-    """An S1 batch: SAM views and targets whose labels index the label space (no text)."""
+    """An S1 batch: SAM views and targets whose labels index the label space (no text).
 
-    sam_pixels: Tensor  # [B, 3, I, I]
+    RAW (`images` set): images B x [3, H_b, W_b] uint8, target masks [N, H_b, W_b] bool at the original
+    size and `crops` the large-scale-jitter geometry of each image (None: the plain SAM view).
+    PREPARED (`prepared`): sam_pixels and target masks [N, I, I] bool in the padded SAM frame."""
+
+    sam_pixels: Tensor | None = None  # [B, 3, I, I] float32 (prepared)
     targets: list[dict[str, Tensor]] = field(default_factory=list)
+    images: list[Tensor] | None = None  # raw: B x [3, H_b, W_b] uint8
+    crops: list[preprocess.ResizeCrop | None] = field(default_factory=list)  # raw, one per image
+
+    @property
+    def raw(self) -> bool:
+        return self.images is not None
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else self.sam_pixels.shape[0]
+
+    def prepared(self, sam_size: int, device: torch.device | str | None = None) -> S1Batch:
+        if not self.raw:
+            return self
+        dev = torch.device(device) if device is not None else self.images[0].device
+        pixels = torch.empty(len(self.images), 3, sam_size, sam_size, device=dev)
+        targets = []
+        for b, (image, crop, t) in enumerate(zip(self.images, self.crops, self.targets, strict=True)):
+            image, masks = _on(image, dev), _on(t["masks"], dev)
+            if crop is None:
+                pixels[b] = preprocess.sam_view(image[None], sam_size)[0]
+                masks = preprocess.frame_masks(masks, sam_size)
+            else:
+                pixels[b] = preprocess.crop_view(image, crop, sam_size)
+                masks = preprocess.crop_masks(masks, crop, sam_size)
+            targets.append({**t, "labels": _on(t["labels"], dev), "masks": masks})
+        return S1Batch(sam_pixels=pixels, targets=targets)
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """To `device` (asynchronous from pinned host memory; a no-op when already there)."""
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 class Segmentor(nn.Module):
@@ -120,13 +185,39 @@ class XSAM(nn.Module):
         if self.llm is not None:
             self.llm.enable_gradient_checkpointing()
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the model's floating-point parameters (bf16 under DeepSpeed bf16 / a bf16 load)."""
+        return self.sam.pos_embed.dtype
+
+    def to_model_dtype(self, pixels: Tensor | None) -> Tensor | None:
+        """Image tensors enter the model in its parameters' dtype, on its device (the model boundary:
+        training, predict and evaluation all pass here). Masks and targets are never cast: they stay
+        bool / uint8 until the loss, which samples them in fp32."""
+        if pixels is None:
+            return None
+        return pixels.to(device=self.sam.pos_embed.device, dtype=self.compute_dtype)
+
+    def prepare(self, batch: XSAMBatch | S1Batch) -> XSAMBatch | S1Batch:
+        """The model boundary for images: a raw batch (uint8 images, masks at the original size) ->
+        views + SAM-frame targets on the model's device (views float32; `to_model_dtype` casts them
+        where they enter). A prepared batch (pixels present) passes through."""
+        if not batch.raw:
+            return batch
+        device = self.sam.pos_embed.device
+        with torch.no_grad():
+            if isinstance(batch, S1Batch):
+                return batch.prepared(self.cfg.sam.image_size, device)
+            return batch.prepared(self.cfg.siglip.image_size if self.siglip is not None else None,
+                                  self.cfg.sam.image_size, device)
+
     def unused_prefixes(self) -> tuple[str, ...]:
         """Parameters that exist for checkpoint compatibility but never feed an output."""
         return tuple(f"siglip.{p}" for p in self.siglip.unused_prefixes()) if self.siglip is not None else ()
 
     # -- S1: the segmentor alone, linear 134-way head ---------------------------------------------
     def forward_s1(self, sam_pixels: Tensor, targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict]:
-        mask_features, multi_scale = self.segmentor.features(self.sam.features(sam_pixels))
+        mask_features, multi_scale = self.segmentor.features(self.sam.features(self.to_model_dtype(sam_pixels)))
         outputs = self.segmentor.decode(mask_features, multi_scale, self.segmentor.s1_head, None)
         losses = self.criterion(outputs, targets)
         losses["total"] = sum(losses.values())
@@ -135,7 +226,7 @@ class XSAM(nn.Module):
     # -- S2 / S3 -----------------------------------------------------------------------------------
     def visual_tokens(self, siglip_pixels: Tensor, sam_feats: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
         """-> (visual tokens [B, 729 + 1024, D], the segmentation token map [B, g/2, g/2, D])."""
-        image_tokens = self.image_projector(self.siglip(siglip_pixels))
+        image_tokens = self.image_projector(self.siglip(self.to_model_dtype(siglip_pixels)))
         seg_map = self.seg_projector.forward_map(sam_feats[self.cfg.sam.projector_block])
         return torch.cat([image_tokens, seg_map.flatten(1, 2)], dim=1), seg_map
 
@@ -199,7 +290,8 @@ class XSAM(nn.Module):
 
     def decode(self, batch: XSAMBatch) -> tuple[Tensor | None, Tensor, dict | None]:
         """-> (lm_loss, hidden [B, T', D], decoder outputs for the batch's decoder items or None)."""
-        sam_feats = self.sam.features(batch.sam_pixels)
+        batch = self.prepare(batch)
+        sam_feats = self.sam.features(self.to_model_dtype(batch.sam_pixels))
         lm_loss, hidden, token_ids = self.run_llm(batch, sam_feats)
         if batch.mode is DecodeMode.none:
             return lm_loss, hidden, None
@@ -212,7 +304,8 @@ class XSAM(nn.Module):
 
     def forward(self, batch: XSAMBatch | S1Batch) -> tuple[dict[str, Tensor], dict | None]:
         """Teacher-forced training step: total = LM cross-entropy + segmentation losses
-        (an S1Batch: the segmentor's losses with the linear head)."""
+        (an S1Batch: the segmentor's losses with the linear head). A raw batch is prepared first."""
+        batch = self.prepare(batch)
         if isinstance(batch, S1Batch):
             return self.forward_s1(batch.sam_pixels, batch.targets)
         lm_loss, hidden, outputs = self.decode(batch)
@@ -225,5 +318,6 @@ class XSAM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: XSAMBatch, max_new_tokens: int, eos_id: int) -> list[list[int]]:
         """Greedy continuation of each sample's prompt (its input_ids hold the prompt only)."""
-        embeds, _, _, attention_mask = self.embed_inputs(batch, self.sam.features(batch.sam_pixels))
+        batch = self.prepare(batch)
+        embeds, _, _, attention_mask = self.embed_inputs(batch, self.sam.features(self.to_model_dtype(batch.sam_pixels)))
         return self.llm.generate_greedy(embeds, attention_mask, max_new_tokens, eos_id)

@@ -1,7 +1,10 @@
 """S1 augmentation: large-scale jitter (reference section 2, "large-scale jitter 0.1-2.0 to 1024,
 center crop, no flip").
 
-One call draws ONE number from the caller's generator, the scale factor s ~ U(lo, hi), then:
+`draw_jitter` draws ONE number from the caller's generator, the scale factor s ~ U(lo, hi), and turns
+it into the geometry (`preprocess.ResizeCrop`); the pixels are then resampled by the model's device
+transform (`preprocess.crop_view` / `crop_masks`, at the model boundary). `large_scale_jitter` is the
+CPU reference of the same augmentation (PIL + numpy), kept for tests and tools:
 
 1. resize: the image is resized so that its longest side is s * size (detectron2 ``ResizeScale``
    with a square target): ratio = s * size / max(H, W), new size = (round(H * ratio), round(W * ratio)),
@@ -12,13 +15,12 @@ One call draws ONE number from the caller's generator, the scale factor s ~ U(lo
 2. center crop: where the resized side exceeds `size`, the central `size` pixels are kept
    (offset = (new - size) // 2). No flip.
 3. pad: the content sits at the top-left of a size x size frame (bottom / right padding, as SAM's
-   own transform pads). The image padding is SAM's pixel mean rounded to uint8 (PAD_COLOR), so that a
-   generic ``image_views`` on the result sees almost exactly zero in normalised space; masks are padded
-   with False. `valid_size` is the content's (h, w) inside the frame.
+   own transform pads). The image padding is SAM's pixel mean rounded to uint8 (PAD_COLOR); the device
+   transform pads with exactly 0 in normalised space instead. Masks are padded with False.
+   `valid_size` is the content's (h, w) inside the frame.
 
-The result is already in the padded SAM frame: its longest side equals `size`, so ``preprocess.
-image_views`` / ``mask_targets`` resize it by a factor of exactly 1 (a no-op), and `collate_s1` in
-`xsam.train.formatting` skips them entirely (and zeroes the padding exactly in normalised space).
+`visible` says which masks keep at least one pixel in the crop (the formatter drops the others) without
+resampling them: the same index sets, reduced to the distinct source rows / columns.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from xsam.model.preprocess import SAM_MEAN
+from xsam.model.preprocess import SAM_MEAN, ResizeCrop
 
 PAD_COLOR = tuple(round(v) for v in SAM_MEAN)  # (124, 116, 104)
 
@@ -52,20 +54,40 @@ def jitter_geometry(height: int, width: int, scale: float, size: int) -> tuple[t
     return (nh, nw), ((nh - ch) // 2, (nw - cw) // 2), (ch, cw)
 
 
+def draw_jitter(height: int, width: int, rng: np.random.Generator, size: int = 1024,
+                scale_range: tuple[float, float] = (0.1, 2.0)) -> tuple[float, ResizeCrop]:
+    """The one draw of the jitter -> (scale s, the resize / crop geometry for an H x W image)."""
+    scale = float(rng.uniform(scale_range[0], scale_range[1]))
+    resized, offset, valid = jitter_geometry(height, width, scale, size)
+    return scale, ResizeCrop(resized=resized, offset=offset, valid=valid)
+
+
 def _nearest_index(src: int, dst: int, start: int, count: int) -> np.ndarray:
     """Source indices of destination pixels start..start+count-1 for a src -> dst nearest resize."""
     idx = ((np.arange(start, start + count, dtype=np.float64) + 0.5) * (src / dst)).astype(np.int64)
     return np.minimum(idx, src - 1)
 
 
+def _window_indices(h: int, w: int, crop: ResizeCrop) -> tuple[np.ndarray, np.ndarray]:
+    (nh, nw), (oy, ox), (ch, cw) = crop.resized, crop.offset, crop.valid
+    return _nearest_index(h, nh, oy, ch), _nearest_index(w, nw, ox, cw)
+
+
+def visible(masks: np.ndarray, crop: ResizeCrop) -> np.ndarray:
+    """[N, H, W] bool -> [N] bool: which masks keep a pixel inside the crop window after the resize."""
+    rows, cols = _window_indices(masks.shape[1], masks.shape[2], crop)
+    rows, cols = np.unique(rows), np.unique(cols)  # sorted: a mask pixel is sampled iff its row and column are
+    return np.take(np.take(masks, rows, axis=1), cols, axis=2).any(axis=(1, 2))
+
+
 def large_scale_jitter(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator, size: int = 1024,
                        scale_range: tuple[float, float] = (0.1, 2.0)) -> Jittered:
-    """image [H, W, 3] uint8, masks [N, H, W] bool -> the jittered, center-cropped, padded pair."""
+    """image [H, W, 3] uint8, masks [N, H, W] bool -> the jittered, center-cropped, padded pair (CPU reference)."""
     h, w = image.shape[:2]
     if masks.shape[1:] != (h, w):
         raise ValueError(f"masks {masks.shape[1:]} do not match the image {(h, w)}")
-    scale = float(rng.uniform(scale_range[0], scale_range[1]))
-    (nh, nw), (oy, ox), (ch, cw) = jitter_geometry(h, w, scale, size)
+    scale, crop = draw_jitter(h, w, rng, size, scale_range)
+    (nh, nw), (oy, ox), (ch, cw) = crop.resized, crop.offset, crop.valid
 
     resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.Resampling.BILINEAR))
     out_image = np.empty((size, size, 3), np.uint8)
@@ -74,8 +96,7 @@ def large_scale_jitter(image: np.ndarray, masks: np.ndarray, rng: np.random.Gene
 
     out_masks = np.zeros((masks.shape[0], size, size), bool)
     if masks.shape[0]:
-        rows = _nearest_index(h, nh, oy, ch)
-        cols = _nearest_index(w, nw, ox, cw)
+        rows, cols = _window_indices(h, w, crop)
         if ch * w <= h * cw:  # gather the axis that leaves the smaller intermediate first
             out_masks[:, :ch, :cw] = np.take(np.take(masks, rows, axis=1), cols, axis=2)
         else:

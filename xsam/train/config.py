@@ -10,6 +10,7 @@ mlflow_uri (a cluster knows its tracking server; the command line still wins).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 class TrainConfig:
     stage: str  # s1 | s2 | s3
     preset: str = "tiny"  # xsam.model.config preset
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # nested preset fields, e.g. {llm: {num_hidden_layers: 4}}
     shards: str = ".cache/xsam/shards"  # converted shards root (local or s3://)
     data_registry: str | None = None  # registry the workflow converts (None: the generated fixtures)
     data_root: str | None = None  # where that registry's relative source paths start (local or s3://)
@@ -45,6 +47,13 @@ class TrainConfig:
     gamma: float = 0.1
     zero_stage: int = 2
     offload_optimizer: bool = False
+    # DeepSpeed communication (recipe.deepspeed_config); every default is DeepSpeed's own. Sizes in elements.
+    ds_overlap_comm: bool | None = None  # reduce during backward (None: DeepSpeed's: ZeRO-2 off, ZeRO-3 on)
+    ds_contiguous_gradients: bool = True  # gradients copied into one buffer as produced: less fragmentation
+    ds_reduce_bucket_size: int = 500_000_000  # elements per gradient reduce; overlap_comm holds ~4.5x
+    ds_allgather_bucket_size: int = 500_000_000  # elements per all-gather of updated parameters (ZeRO-1/2)
+    ds_comm_dtype: str | None = None  # fp32 | bf16 | fp16: gradient reduction dtype (communication_data_type)
+    ds_grad_accum_dtype: str | None = None  # fp32 | bf16 | fp16: accumulation dtype when grad_accum > 1
     bf16: bool = False
     activation_checkpointing: bool = False
     balance_t: float = 0.1  # dataset balancing temperature t of r_d = max(1, sqrt(t / f_d))
@@ -56,6 +65,7 @@ class TrainConfig:
     output: str = ".cache/xsam/runs"  # Ray Train storage path (local or s3://bucket/prefix)
     run_name: str | None = None  # default: xsam-<stage>; the same name resumes the same run
     export: str | None = None  # consolidated checkpoint folder (default <output>/<run_name>/export)
+    export_shard_size: int = 2 * 10**9  # max bytes per export safetensors file (a larger single tensor: own shard)
     mlflow_uri: str | None = None
     mlflow_experiment: str = "xsam"
     mlflow_run_id: str | None = None  # set by the driver so restarted workers log to the same run
@@ -88,6 +98,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide what a run computes (everything but RESULT_NEUTRAL): a run name that
+        exists with another identity is refused (pipelines/train.py), never silently resumed."""
+        return {k: v for k, v in json.loads(json.dumps(self.to_dict())).items() if k not in RESULT_NEUTRAL}
+
+
+# Settings that change how a run is watched, stored or resourced, not the weights it ends with: changing
+# them between a run and its resumption is allowed (the loader and the RNG states make the result
+# independent of them).
+RESULT_NEUTRAL = frozenset({
+    "run_name", "output", "export", "mlflow_uri", "mlflow_experiment", "mlflow_run_id", "mlflow_parent_run_id",
+    "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "fail_at_step", "trace",
+    "cpus_per_worker", "data_registry", "data_root", "export_shard_size",
+})
 
 
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

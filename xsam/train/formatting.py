@@ -45,14 +45,18 @@ Rules per task (stage gating: s1 = generic / semantic / instance only, s2 = chat
   target r = that segment's mask, label r.
 - S1 (any generic / semantic / instance sample, no text, mode per_sample): one mask per non-crowd
   segment, label = index of its category in the label space's category list (contiguous 0..K-1);
-  image and masks through `augment.large_scale_jitter`; masks emptied by the crop are dropped. The
-  example's image is the padded size x size frame (see augment.py), `Formatted.valid_size` the content.
+  the large-scale jitter's geometry is drawn here (`augment.draw_jitter`, one draw) and kept in
+  `Formatted.crop`; masks emptied by the crop are dropped (`augment.visible`). The example keeps the
+  ORIGINAL image and masks: the resize / crop / pad runs in the model's device transform
+  (`S1Batch.prepared`; `augment.large_scale_jitter` is its CPU reference).
 
 Common rules. Images are decoded with PIL from the stored bytes and converted to RGB; EXIF orientation
 is NOT applied (annotations were made on the stored pixels); a size different from `sample.image` is
-an error. Masks come from `xsam.data.masks.decode`. `Sample.ignore_mask` (ReasonSeg "ignore", ADE 255):
-the criterion has no ignore support, so ignore pixels are BACKGROUND in every target mask
-(target &= ~ignore), which is what X-SAM does for ReasonSeg. Source text placed inside a template
+an error. Masks come from `xsam.data.masks.decode` (column-major; a target of one segment without
+ignore pixels IS the decoded array, no copy: stacked, the masks are [N, H, W] with column-major
+planes, shipped as they are). `Sample.ignore_mask` (ReasonSeg "ignore", ADE 255): the criterion has
+no ignore support, so ignore pixels are BACKGROUND in every target mask (target &= ~ignore), which
+is what X-SAM does for ReasonSeg. Source text placed inside a template
 (sentences, queries, explanations, captions) has the markers ``<image> <region> <SEG> <p> </p>``
 removed so it cannot break the prompt structure. A sample that yields no usable target (no positives,
 no phrases, no prompts) yields an empty list: the caller skips it.
@@ -72,12 +76,11 @@ from PIL import Image
 from xsam.data import masks as mask_codec
 from xsam.data.schema import PromptType, Sample, Segment, Task
 from xsam.model import templates as T
-from xsam.model.batching import Example
-from xsam.model.config import XSAMConfig
-from xsam.model.preprocess import SAM_MEAN, SAM_STD, image_views, mask_targets
+from xsam.model.batching import Example, bool_tensor
+from xsam.model.preprocess import ResizeCrop, image_tensor
 from xsam.model.tokenizer import END_P_TOKEN, IMAGE_TOKEN, P_TOKEN, REGION_TOKEN, SEG_TOKEN
-from xsam.model.xsam import DecodeMode
-from xsam.train.augment import large_scale_jitter
+from xsam.model.xsam import DecodeMode, S1Batch
+from xsam.train.augment import draw_jitter, visible
 
 STAGES = ("s1", "s2", "s3")
 _GENERIC_TASKS = frozenset({Task.generic_seg, Task.semantic_seg, Task.instance_seg})
@@ -98,7 +101,7 @@ class Formatted:
     mode: DecodeMode
     dataset: str
     task: Task
-    valid_size: tuple[int, int] | None = None  # S1 only: (h, w) of the jittered content in the frame
+    crop: ResizeCrop | None = None  # S1 only: the drawn large-scale jitter of the image
 
 
 # --------------------------------------------------------------------------- helpers
@@ -141,7 +144,7 @@ class _Masks:
         self.ignore = self.decode(sample.ignore_mask) if sample.ignore_mask is not None else None
 
     def decode(self, rle) -> np.ndarray:
-        m = mask_codec.decode(rle).astype(bool)
+        m = mask_codec.decode(rle).view(bool)  # {0, 1} uint8, column-major: a view, no copy
         if m.shape != self.shape:
             raise ValueError(f"{self.sample.dataset}/{self.sample.provenance.source_id}: mask of size {m.shape} "
                              f"on an image of size {self.shape}")
@@ -156,8 +159,10 @@ class _Masks:
         return self._cache[sid]
 
     def target(self, sids) -> np.ndarray:
-        """Union of segments, ignore pixels turned to background."""
-        out = np.zeros(self.shape, bool)
+        """Union of segments, ignore pixels turned to background (column-major, read-only use)."""
+        if len(sids) == 1 and self.ignore is None:
+            return self.segment(sids[0])
+        out = np.zeros(self.shape, bool, order="F")
         for sid in sids:
             out |= self.segment(sid)
         if self.ignore is not None:
@@ -438,47 +443,30 @@ class Formatter:
                 raise ValueError(f"{sample.dataset}/{sample.provenance.source_id}: category {s.category_id} "
                                  f"is not in label space {sample.label_space}")
         mk = _Masks(sample, image.shape[:2])
-        jit = large_scale_jitter(image, mk.stack([mk.target([s.id]) for s in segs]), rng, self.sam_size,
-                                 self.s1_jitter)
-        h, w = jit.valid_size
-        keep = jit.masks[:, :h, :w].any(axis=(1, 2))
+        _, crop = draw_jitter(*image.shape[:2], rng, self.sam_size, self.s1_jitter)
+        masks = mk.stack([mk.target([s.id]) for s in segs])
+        keep = visible(masks, crop)
         labels = [index[s.category_id] for s, k in zip(segs, keep) if k]
-        ex = Example(image=jit.image, turns=[], masks=jit.masks if keep.all() else jit.masks[keep], labels=labels)
-        return [self._out(sample, ex, DecodeMode.per_sample, valid_size=jit.valid_size)]
+        ex = Example(image=image, turns=[], masks=masks if keep.all() else masks[keep], labels=labels)
+        return [self._out(sample, ex, DecodeMode.per_sample, crop=crop)]
 
 
 # --------------------------------------------------------------------------- S1 collation
-def collate_s1(formatted: list[Formatted], cfg: XSAMConfig) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """S1 batch (no tokenizer): -> (sam_pixels [B, 3, I, I], targets [{labels [N] long, masks [N, I, I] bool}]).
-
-    Examples already in the I x I frame (the Formatter's S1 output with sam_size == I) are only
-    normalised with SAM's mean / std, and the padding outside `valid_size` is set to exactly 0 (as SAM's
-    own transform pads after normalising); masks are used as they are. Any other example goes through
-    the generic `image_views` / `mask_targets` (longest side to I, pad). Target masks stay BOOL (the
-    matcher and the criterion convert with .float() where they sample them): a float copy would be
-    4 MiB per mask at 1024^2, i.e. ~0.5 GiB of host memory and transfer per 4-image COCO batch."""
-    size = cfg.sam.image_size
-    mean = torch.tensor(SAM_MEAN)[:, None, None]
-    std = torch.tensor(SAM_STD)[:, None, None]
-    pixels = torch.empty(len(formatted), 3, size, size)
-    targets = []
-    for b, f in enumerate(formatted):
+def collate_s1(formatted: list[Formatted]) -> S1Batch:
+    """S1 batch (no tokenizer) -> a RAW S1Batch: images B x [3, H, W] uint8, targets {labels [N] long,
+    masks [N, H, W] bool} at the original size, the jitter geometry per image (`Formatted.crop`; None:
+    the plain SAM view). The model resizes / crops / pads on its device (`XSAM.prepare`); the CPU
+    fallback is `collate_s1(...).prepared(I)`."""
+    images, targets, crops = [], [], []
+    for f in formatted:
         ex = f.example
         labels = torch.tensor(list(ex.labels or []), dtype=torch.long)
         masks = ex.masks if ex.masks is not None else np.zeros((0, *ex.image.shape[:2]), bool)
-        if ex.image.shape[:2] == (size, size):
-            x = pixels[b]
-            x.copy_(torch.from_numpy(np.ascontiguousarray(ex.image)).permute(2, 0, 1).contiguous())  # -> float CHW
-            x.sub_(mean).div_(std)
-            if f.valid_size is not None:
-                h, w = f.valid_size
-                x[:, h:, :] = 0
-                x[:, :, w:] = 0
-            m = torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
-        else:
-            pixels[b] = image_views(ex.image, cfg.siglip.image_size, size).sam
-            m = mask_targets(masks, size).bool()
-        if len(labels) != len(m):
-            raise ValueError(f"{f.dataset}: {len(labels)} labels for {len(m)} masks")
-        targets.append({"labels": labels, "masks": m})
-    return pixels, targets
+        if len(labels) != len(masks):
+            raise ValueError(f"{f.dataset}: {len(labels)} labels for {len(masks)} masks")
+        if masks.shape[1:] != ex.image.shape[:2]:
+            raise ValueError(f"{f.dataset}: masks {masks.shape[1:]} do not match the image {ex.image.shape[:2]}")
+        images.append(image_tensor(ex.image))
+        targets.append({"labels": labels, "masks": bool_tensor(masks, f"{f.dataset} masks")})
+        crops.append(f.crop)
+    return S1Batch(images=images, targets=targets, crops=crops)

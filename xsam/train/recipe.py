@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -26,12 +25,12 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from xsam.data import storage
-from xsam.model.batching import collate
-from xsam.model.builder import WeightPaths, build_xsam
+from xsam.model.batching import collate_raw
+from xsam.model.builder import WeightPaths, build_xsam, resolve_config
 from xsam.model.checkpoint import export_state, load_stage_checkpoint
+from xsam.model.config import with_overrides
 from xsam.model.stages import STAGES, param_groups
-from xsam.model.xsam import S1Batch
+from xsam.train import rng
 from xsam.train.config import TrainConfig
 from xsam.train.formatting import Formatter, collate_s1
 from xsam.train.loader import Loader
@@ -69,22 +68,51 @@ def lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: float):
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    """The DeepSpeed config of a run: ZeRO stage and offload, the communication settings (`cfg.ds_*`), bf16.
+
+    `ds_grad_accum_dtype` applies only when grad_accum > 1: one micro-batch per step accumulates nothing,
+    and fp32 accumulation buffers would only cost memory. A bad value is a ValueError naming the setting.
+    """
+    for name in ("ds_comm_dtype", "ds_grad_accum_dtype"):
+        value = getattr(cfg, name)
+        if value is not None and value not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"{name}: {value!r} is not one of fp32, bf16, fp16")
+    for name in ("ds_reduce_bucket_size", "ds_allgather_bucket_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: {value!r} is not a positive integer number of elements "
+                             f"(YAML: write 200_000_000, not 2e8)")
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": cfg.ds_contiguous_gradients,
+                            "reduce_bucket_size": cfg.ds_reduce_bucket_size,
+                            "allgather_bucket_size": cfg.ds_allgather_bucket_size}
+    if cfg.ds_overlap_comm is not None:
+        zero["overlap_comm"] = cfg.ds_overlap_comm
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
-    return {"train_micro_batch_size_per_gpu": cfg.batch_per_rank, "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.grad_clip, "zero_optimization": zero, "bf16": {"enabled": cfg.bf16},
-            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_per_rank, "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip, "zero_optimization": zero, "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if cfg.ds_comm_dtype is not None:
+        out["communication_data_type"] = cfg.ds_comm_dtype
+    if cfg.ds_grad_accum_dtype is not None and cfg.grad_accum > 1:
+        out["data_types"] = {"grad_accum_dtype": cfg.ds_grad_accum_dtype}
+    return out
 
 
-def _to(batch, device: torch.device):
-    """Move a batch's tensors (XSAMBatch or S1Batch) to `device` in place."""
+def _to(batch, device: torch.device | None):
+    """Move a batch's tensors (XSAMBatch or S1Batch, raw or prepared) to `device` in place, asynchronously
+    when they are pinned; device None pins them in page-locked host memory instead (the loader threads
+    do that for a CUDA run, so the copy in train_step is a DMA that does not block the host)."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if device is None else t.to(device, non_blocking=True)
+
     for name, value in vars(batch).items():
         if torch.is_tensor(value):
-            setattr(batch, name, value.to(device))
+            setattr(batch, name, move(value))
         elif isinstance(value, list):
-            setattr(batch, name, [v.to(device) if torch.is_tensor(v) else
-                                  {k: t.to(device) for k, t in v.items()} if isinstance(v, dict) else v
+            setattr(batch, name, [move(v) if torch.is_tensor(v) else
+                                  {k: move(t) for k, t in v.items()} if isinstance(v, dict) else v
                                   for v in value])
     return batch
 
@@ -107,13 +135,12 @@ class StageRecipe:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         w = cfg.weights
-        built = build_xsam(cfg.preset, self.policy, WeightPaths(sam=w.get("sam"), siglip=w.get("siglip"),
+        built = build_xsam(with_overrides(resolve_config(cfg.preset), cfg.model_overrides), self.policy, WeightPaths(sam=w.get("sam"), siglip=w.get("siglip"),
                                                                  llm=w.get("llm"), tokenizer=w.get("tokenizer")))
         self.model, self.tokenizer, self.model_cfg = built.model, built.tokenizer, built.model.cfg
         self.init_reports = {k: str(v) for k, v in built.reports.items()}
-        for folder in cfg.init_from:
-            with _local_copy(folder) as local:
-                self.init_reports[f"init:{folder}"] = str(load_stage_checkpoint(self.model, local, self.policy))
+        for folder in cfg.init_from:  # a folder or s3:// prefix, read directly and checked complete
+            self.init_reports[f"init:{folder}"] = str(load_stage_checkpoint(self.model, folder, self.policy))
         if cfg.activation_checkpointing:
             self.model.enable_activation_checkpointing()
         self.model.to(self.device)
@@ -146,31 +173,38 @@ class StageRecipe:
                 state = json.loads(Path(ckpt, "state.json").read_text())
                 self.step, self.micro, start = state["step"], state["micro"], tuple(state["loader"])
                 self.seen = Counter(state["seen"])
+                rng.load(ckpt, self.session.rank)  # exact resume: the steps draw what they would have drawn
+        threads = max(1, int(cfg.cpus_per_worker))  # one batch per thread: overlaps object-store reads + decode
         self.loader = Loader(self.index, self.schedule, self.session.rank, self.format_sample, self.collate,
-                             cfg.seed, start=start, prefetch=2, threads=1)
+                             cfg.seed, start=start, prefetch=2 * threads, threads=threads)
 
     def format_sample(self, sample, image_bytes, rng):
         return self.formatter(sample, image_bytes, rng)
 
     def collate(self, items):
+        """-> a RAW batch (uint8 images, bool masks at the original size; pinned for a CUDA run): the
+        model builds the views and targets on its device (XSAM.prepare)."""
         if self.cfg.stage == "s1":
-            sam_pixels, targets = collate_s1(items, self.model_cfg)
-            return S1Batch(sam_pixels=sam_pixels, targets=targets)
-        modes = {f.mode for f in items}
-        if len(modes) != 1:
-            raise ValueError(f"a batch mixes decode modes {modes}: batches must be single-task")
-        return collate([f.example for f in items], modes.pop(), self.tokenizer, self.model_cfg)
+            batch = collate_s1(items)
+        else:
+            modes = {f.mode for f in items}
+            if len(modes) != 1:
+                raise ValueError(f"a batch mixes decode modes {modes}: batches must be single-task")
+            batch = collate_raw([f.example for f in items], modes.pop(), self.tokenizer, self.model_cfg)
+        return _to(batch, None) if self.device.type == "cuda" else batch
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """One micro-batch: forward, backward, step. Returns the detached losses ON THE DEVICE (no host
+        sync per step; `train` reads them once per log interval)."""
         losses, _ = self.engine(_to(batch, self.device))
         self.engine.backward(losses["total"])
         self.engine.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach().float() for k, v in losses.items()}
 
     def train(self) -> None:
         cfg = self.cfg
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor | float] = defaultdict(float)  # device tensors until a log line
         count, tokens, samples, t0 = 0, 0, 0, time.perf_counter()
         trace = self._trace_file()
         for (epoch, pos_step), dataset, batch in self.loader:
@@ -183,7 +217,7 @@ class StageRecipe:
                 trace.write(json.dumps({"step": self.step, "epoch": epoch, "pos": pos_step, "dataset": dataset,
                                         "keys": self._keys(epoch, pos_step)}) + "\n")
                 trace.flush()
-            n = batch.sam_pixels.shape[0]
+            n = len(batch)  # images in the micro-batch (raw or prepared)
             for k, v in self.train_step(batch).items():
                 sums[k] += v
             count += 1
@@ -197,7 +231,7 @@ class StageRecipe:
             done = self.step >= self.total_steps
             if self.step % cfg.log_every == 0 or done or self.step % cfg.checkpoint_every == 0:
                 dt = max(time.perf_counter() - t0, 1e-9)
-                metrics = {f"loss/{k}": v / count for k, v in sums.items()}
+                metrics = {f"loss/{k}": float(v) / count for k, v in sums.items()}  # the one host sync
                 metrics.update({"lr": self.scheduler.get_last_lr()[0], "step": self.step, "epoch": epoch,
                                 "samples_per_s": samples * self.session.world_size / dt,
                                 "tokens_per_s": tokens * self.session.world_size / dt})
@@ -230,6 +264,7 @@ class StageRecipe:
             return
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag="ds")
+            rng.save(tmp, self.session.rank)
             if self.session.rank == 0:
                 state = {"step": self.step, "micro": self.micro, "loader": list(self.loader.state()),
                          "seen": dict(self.seen)}
@@ -238,20 +273,18 @@ class StageRecipe:
 
     def export(self) -> str | None:
         """Consolidate the trained weights (a collective under ZeRO-3) and, on rank 0, write the
-        stage export: model.safetensors + manifest.json (+ the tokenizer for later stages)."""
+        stage export straight to export_dir (xsam.model.export: config.json, safetensors shards of at
+        most export_shard_size bytes + index, the tokenizer, manifest.json last; no temp name, no copy)."""
         if self.cfg.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self.engine.module.state_dict() if self.session.rank == 0 else None
         if self.session.rank != 0:
             return None
-        with tempfile.TemporaryDirectory() as tmp:
-            export_state(state, self.policy, self.model_cfg, tmp, extra={"train_config": self.cfg.to_dict(),
-                                                                          "init_reports": self.init_reports,
-                                                                          "data_fingerprint": self.index.fingerprint()})
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))
-            _publish(tmp, self.cfg.export_dir)
+        export_state(state, self.policy, self.model_cfg, self.cfg.export_dir,
+                     extra={"train_config": self.cfg.to_dict(), "init_reports": self.init_reports,
+                            "data_fingerprint": self.index.fingerprint()},
+                     tokenizer=self.tokenizer, max_shard_size=self.cfg.export_shard_size)
         return self.cfg.export_dir
 
     def cleanup(self) -> None:
@@ -268,32 +301,3 @@ def _already_failed(cfg: TrainConfig) -> bool:
     marker.write_text("1")
     return False
 
-
-class _local_copy(AbstractContextManager):
-    """A local folder holding `location` (downloaded when it is an s3:// prefix)."""
-
-    def __init__(self, location: str):
-        self.location = location
-        self.tmp = None
-
-    def __enter__(self) -> str:
-        if not storage.is_uri(self.location):
-            return self.location
-        self.tmp = tempfile.mkdtemp()
-        for loc in storage.list_files(self.location, recursive=True):
-            rel = loc[len(self.location.rstrip("/")) + 1:]
-            dest = Path(self.tmp, rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(storage.read_bytes(loc))
-        return self.tmp
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _publish(local_dir: str, location: str) -> None:
-    """Copy a finished local folder to `location` (a folder or s3:// prefix), manifest last."""
-    files = sorted((p for p in Path(local_dir).rglob("*") if p.is_file()), key=lambda p: p.name == "manifest.json")
-    for path in files:
-        storage.write_bytes_atomic(storage.join(location, str(path.relative_to(local_dir))), path.read_bytes())

@@ -15,8 +15,10 @@ How the headers are walked (`headers=`):
   The member data flows through and is dropped. On an object store this is one GET per shard at
   full bandwidth instead of two small ranged GETs per sample (a 10k-sample shard would be 20k
   round trips of ~20 ms each); it costs the shard's size in transfer, once.
-Shards are walked in parallel (`threads`). The result can be cached (`cache=`): the cache is only
-used when its fingerprint (a hash of every shard's sha256 from the manifests) matches.
+Shards are walked in parallel (`threads`), and only once per split: the index of a split is stored
+beside its manifest as `<split>/index-<sha256 of manifest.json>.bin` (`xsam/train/index_cache.py`)
+and a (re)start reads that one small file instead of the shards. A changed manifest has another
+digest, so another file; a truncated or corrupt file fails its checks and the split is walked again.
 
 Thread safety: `read` may be called from several threads (the loader's prefetch threads); the
 per-shard open-file cache is guarded by a lock and pyarrow's `read_at` is safe to call
@@ -26,7 +28,6 @@ concurrently. A pickled index (e.g. sent to a worker process) drops its open fil
 from __future__ import annotations
 
 import hashlib
-import json
 import tarfile
 import threading
 from collections import OrderedDict
@@ -35,9 +36,7 @@ from dataclasses import dataclass
 
 from xsam.data import storage
 from xsam.data.schema import Sample
-from xsam.data.shards import Manifest, read_manifest, split_dir
-
-INDEX_VERSION = 1
+from xsam.data.shards import Manifest, split_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,58 +103,50 @@ class ShardIndex:
 
     @staticmethod
     def read_manifests(root: str, datasets: list[tuple[str, str]]) -> dict[tuple[str, str], Manifest]:
-        manifests = {}
-        for dataset, split in datasets:
-            location = storage.join(split_dir(root, dataset, split), "manifest.json")
-            manifest = read_manifest(location)
-            if manifest is None:
-                raise FileNotFoundError(f"{location} does not exist: convert {dataset}/{split} first")
-            if (dataset, split) in manifests:
-                raise ValueError(f"{dataset}/{split} listed twice")
-            manifests[(dataset, split)] = manifest
-        return manifests
+        return {key: m for key, (m, _) in _read_manifests(root, datasets).items()}
 
     @classmethod
     def build(cls, root: str, datasets: list[tuple[str, str]], *, headers: str = "auto", threads: int = 8,
-              cache: str | None = None) -> ShardIndex:
+              cache: bool = True) -> ShardIndex:
         """Index the converted splits `datasets` [(dataset, split)] under `root` (a folder or s3://).
 
-        cache: a location (local or s3://) to load the index from when its fingerprint matches the
-        manifests, and to write it to otherwise.
+        cache: read each split's stored index when it is there and valid; walk the shards of the
+        others and store theirs (best effort: a read-only root only logs a warning).
         """
-        manifests = cls.read_manifests(root, datasets)
-        fingerprint = _fingerprint(manifests)
-        if cache is not None and storage.exists(cache):
-            try:
-                index = cls.from_bytes(storage.read_bytes(cache))
-                if (index.root == root and index.fingerprint() == fingerprint
-                        and list(index.manifests) == list(manifests)):
-                    return index
-            except (ValueError, KeyError, TypeError):
-                pass  # unreadable or stale cache: rebuild
+        from xsam.train import index_cache
+
+        loaded = _read_manifests(root, datasets)
+        per_split: dict[tuple[str, str], list[SampleRef]] = {}
+        for (dataset, split), (manifest, digest) in loaded.items():
+            directory = split_dir(root, dataset, split)
+            stored = index_cache.load(directory, dataset, split, manifest, digest) if cache else None
+            if stored is not None:
+                per_split[(dataset, split)] = stored
+        missing = [key for key in loaded if key not in per_split]
         if headers == "auto":
             headers = "stream" if storage.is_uri(root) else "seek"
         jobs = []
-        for (dataset, split), manifest in manifests.items():
+        for dataset, split in missing:
+            per_split[(dataset, split)] = []
             directory = split_dir(root, dataset, split)
-            jobs += [(storage.join(directory, s.name), dataset, split, s.num_samples) for s in manifest.shards]
+            jobs += [(storage.join(directory, s.name), dataset, split, s.num_samples)
+                     for s in loaded[(dataset, split)][0].shards]
         with ThreadPoolExecutor(max(1, min(threads, len(jobs) or 1))) as pool:
             walked = list(pool.map(lambda j: _walk_shard(j[0], j[1], j[2], headers), jobs))
-        refs: dict[str, list[SampleRef]] = {d: [] for d, _ in datasets}
         for (location, dataset, split, expected), shard_refs in zip(jobs, walked):
             if len(shard_refs) != expected:
                 raise ValueError(f"{location}: {len(shard_refs)} samples, the manifest says {expected}")
-            refs[dataset].extend(shard_refs)
-        # key order within each split: the writer sorts members within a shard; sort across shards too
-        for dataset, lst in refs.items():
-            by_split: dict[str, list[SampleRef]] = {}
-            for r in lst:
-                by_split.setdefault(r.split, []).append(r)
-            refs[dataset] = [r for split_refs in by_split.values() for r in sorted(split_refs, key=lambda r: r.key)]
-        index = cls(root, refs, manifests)
-        if cache is not None:
-            storage.write_bytes_atomic(cache, index.to_bytes())
-        return index
+            per_split[(dataset, split)].extend(shard_refs)
+        for dataset, split in missing:
+            # key order within a split: the writer sorts members within a shard; sort across shards too
+            refs = per_split[(dataset, split)] = sorted(per_split[(dataset, split)], key=lambda r: r.key)
+            if cache:
+                manifest, digest = loaded[(dataset, split)]
+                index_cache.store(split_dir(root, dataset, split), dataset, split, manifest, digest, refs)
+        refs_by_dataset: dict[str, list[SampleRef]] = {d: [] for d, _ in datasets}
+        for dataset, split in datasets:
+            refs_by_dataset[dataset].extend(per_split[(dataset, split)])
+        return cls(root, refs_by_dataset, {key: m for key, (m, _) in loaded.items()})
 
     # ---------------------------------------------------------------- metadata
 
@@ -242,40 +233,20 @@ class ShardIndex:
     def __setstate__(self, state):
         self.__init__(state["root"], state["refs"], state["manifests"], state["max_open"])
 
-    # ---------------------------------------------------------------- cache (de)serialisation
 
-    def to_bytes(self) -> bytes:
-        """Compact JSON: per dataset, per shard, rows of [key, ext, image off, size, json off, size]."""
-        datasets = []
-        for dataset, refs in self.refs.items():
-            shards: list[dict] = []
-            for r in refs:
-                if not shards or shards[-1]["shard"] != r.shard:
-                    shards.append({"shard": r.shard, "split": r.split, "rows": []})
-                shards[-1]["rows"].append([r.key, r.image_ext, r.image_offset, r.image_size, r.json_offset,
-                                           r.json_size])
-            datasets.append({"dataset": dataset, "shards": shards})
-        doc = {"version": INDEX_VERSION, "root": self.root, "fingerprint": self.fingerprint(),
-               "manifests": [[d, s, m.model_dump(mode="json")] for (d, s), m in self.manifests.items()],
-               "datasets": datasets}
-        return json.dumps(doc, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ShardIndex:
-        doc = json.loads(data)
-        if doc.get("version") != INDEX_VERSION:
-            raise ValueError(f"index version {doc.get('version')} != {INDEX_VERSION}")
-        manifests = {(d, s): Manifest.model_validate(m) for d, s, m in doc["manifests"]}
-        refs: dict[str, list[SampleRef]] = {}
-        for ds in doc["datasets"]:
-            lst = refs.setdefault(ds["dataset"], [])
-            for sh in ds["shards"]:
-                for key, ext, io_, is_, jo, js in sh["rows"]:
-                    lst.append(SampleRef(ds["dataset"], sh["split"], sh["shard"], io_, is_, jo, js, ext, key))
-        index = cls(doc["root"], refs, manifests)
-        if index.fingerprint() != doc["fingerprint"]:
-            raise ValueError("index fingerprint does not match its manifests")
-        return index
+def _read_manifests(root: str,
+                    datasets: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[Manifest, str]]:
+    """(dataset, split) -> (its manifest, sha256 hex of the manifest.json bytes), in the order given."""
+    out: dict[tuple[str, str], tuple[Manifest, str]] = {}
+    for dataset, split in datasets:
+        location = storage.join(split_dir(root, dataset, split), "manifest.json")
+        if not storage.exists(location):
+            raise FileNotFoundError(f"{location} does not exist: convert {dataset}/{split} first")
+        if (dataset, split) in out:
+            raise ValueError(f"{dataset}/{split} listed twice")
+        data = storage.read_bytes(location)
+        out[(dataset, split)] = (Manifest.model_validate_json(data), hashlib.sha256(data).hexdigest())
+    return out
 
 
 def _fingerprint(manifests: dict[tuple[str, str], Manifest]) -> str:
