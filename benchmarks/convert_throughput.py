@@ -40,7 +40,7 @@ def registry_entry(out: Path) -> Path:
     entry = {"name": "bench_panoptic", "task": "generic_seg", "format": "coco_panoptic", "root": "coco_panoptic",
              "splits": {"bench": {"annotations": "annotations/panoptic_bench.json", "images": "images/bench",
                                   "masks": "annotations/panoptic_bench"}},
-             "label_space": "bench", "sampling_group": "generic_seg", "license": "synthetic", "citation": "synthetic"}
+             "label_space": "bench", "license": "synthetic", "citation": "synthetic"}
     path = out / "bench_panoptic.yaml"
     path.write_text(yaml.safe_dump(entry))
     return path

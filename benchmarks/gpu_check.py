@@ -73,7 +73,7 @@ def make_shards(work: Path, images: int, categories: int) -> str:
     entry = {"name": DATASET, "task": "generic_seg", "format": "coco_panoptic", "root": "coco_panoptic",
              "splits": {SPLIT: {"annotations": f"annotations/panoptic_{SPLIT}.json", "images": f"images/{SPLIT}",
                                 "masks": f"annotations/panoptic_{SPLIT}"}},
-             "label_space": "gpucheck_coco", "sampling_group": "generic_seg", "license": "synthetic",
+             "label_space": "gpucheck_coco", "license": "synthetic",
              "citation": "synthetic"}
     (registry / f"{DATASET}.yaml").write_text(yaml.safe_dump(entry))
     entries, problems = load_registry(registry)

@@ -104,7 +104,7 @@ def make_shards(data_dir: Path, images: int, shards: int) -> str:
     entry = {"name": DATASET, "task": "generic_seg", "format": "coco_panoptic", "root": "coco_panoptic",
              "splits": {SPLIT: {"annotations": f"annotations/panoptic_{SPLIT}.json", "images": f"images/{SPLIT}",
                                 "masks": f"annotations/panoptic_{SPLIT}"}},
-             "label_space": "bench", "sampling_group": "generic_seg", "license": "synthetic", "citation": "synthetic"}
+             "label_space": "bench", "license": "synthetic", "citation": "synthetic"}
     (registry / f"{DATASET}.yaml").write_text(yaml.safe_dump(entry))
     entries, problems = load_registry(registry)
     assert not problems, problems

@@ -112,7 +112,7 @@ def good_entry(name: str) -> dict:
              "masks": "panoptic_train2017"}
     return {"name": name, "task": "generic_seg", "format": "coco_panoptic", "description": "a test entry",
             "root": "coco", "splits": {"train": dict(split), "val": {**split, "role": "eval"}},
-            "label_space": "coco_panoptic_133", "stages": ["s1"], "sampling_group": "generic_seg",
+            "label_space": "coco_panoptic_133", "stages": ["s1"],
             "metrics": ["pq"], "license": "CC BY 4.0", "citation": "Lin et al., ECCV 2014"}
 
 
@@ -286,3 +286,14 @@ def test_guide_lists_every_format_with_its_fields(registry):
             assert f"`{field}`" in rows[fmt], f"{fmt}: field {field} missing from the guide's table"
         for example in (cell.strip("` ") for cell in rows[fmt].split("|")[4].split(",")):
             assert registry[example].format == fmt, f"{example} is not a {fmt} entry"
+
+
+def test_registry_rejects_the_removed_sampling_group_field(tmp_path):
+    # S3 balances per dataset; an entry still carrying the old field must name file and field.
+    path = write(tmp_path, "old", {**good_entry("old"), "sampling_group": "generic_seg"})
+    entries, problems = load_registry(tmp_path)
+    assert entries == {}
+    assert [(p.file, p.field) for p in problems] == [(str(path), "sampling_group")]
+    assert "per dataset" in problems[0].message
+    res = run_cli(path)
+    assert res.returncode != 0 and "old.yaml" in res.stderr and "sampling_group" in res.stderr

@@ -65,8 +65,8 @@ def test_every_level_matters_and_gradients_flow():
     cfg = tiny().decoder
     torch.manual_seed(0)
     dec = PixelDecoder([16, 32, 64], cfg)
-    # At init the offset / weight projections are zero, so the queries (and with them the position and level
-    # embeddings) have no influence yet; give them small weights, as after a few training steps.
+    # Give the offset / weight projections small weights, as after a few training steps, so every level's
+    # queries (and with them the position and level embeddings) clearly shape the output.
     with torch.no_grad():
         for layer in dec.encoder.layers:
             layer.self_attn.sampling_offsets.weight.normal_(std=0.1)
@@ -102,7 +102,6 @@ def test_deformable_init():
     dec = PixelDecoder([16, 32, 64], tiny().decoder)
     for layer in dec.encoder.layers:
         m: MSDeformAttn = layer.self_attn
-        assert torch.count_nonzero(m.sampling_offsets.weight) == 0
         bias = m.sampling_offsets.bias.view(m.n_heads, m.n_levels, m.n_points, 2)
         # head 0 points along +x; the k-th point at distance k
         assert torch.allclose(bias[0, 0, :, 0], torch.arange(1, m.n_points + 1, dtype=torch.float32))

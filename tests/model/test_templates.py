@@ -81,7 +81,7 @@ def test_gcg_answer_round_trip(index):
     caption = "A man rides a red bike."
     spans = [(2, 5), (14, 22)]
     answer = T.gcg_answer(caption, spans, index)
-    assert answer.startswith("A <p>man</p> rides a <p>red bike</p>.")
+    assert answer.startswith("A <p>man</p>  rides a <p>red bike</p> .")  # X-SAM: one extra space after </p>
     assert answer.endswith(T.GCG_ANSWER_SUFFIXES[index])
     assert parse_gcg(answer) == (caption, spans)
     assert parse_gcg(answer + "<|end|>") == (caption, spans)

@@ -52,10 +52,11 @@ def test_classify_gets_normed_queries_once_per_prediction():
 
     dec(*inputs(cfg.hidden_dim), probe)
     assert len(seen) == cfg.dec_layers
-    for q in seen:  # decoder_norm (LayerNorm at its init) -> zero mean, unit variance per query
+    for q in seen:  # decoder_norm (LayerNorm at its init) -> zero mean, variance v / (v + eps) per query
         assert q.shape == (2, cfg.num_queries, cfg.hidden_dim)
         torch.testing.assert_close(q.mean(-1), torch.zeros(2, cfg.num_queries), atol=1e-5, rtol=0)
-        torch.testing.assert_close(q.var(-1, unbiased=False), torch.ones(2, cfg.num_queries), atol=1e-3, rtol=0)
+        # queries start N(0, 0.02) (the original's init), so LayerNorm's eps = 1e-5 is not negligible
+        torch.testing.assert_close(q.var(-1, unbiased=False), torch.ones(2, cfg.num_queries), atol=0.05, rtol=0)
 
 
 def expected_param_count(d, q, layers, ffn):

@@ -14,7 +14,6 @@ YAML file and nothing else, and a typo in it is reported with its file and field
       val:   {..., role: eval}
     label_space: coco_instances_80
     stages: [s3]
-    sampling_group: referring
     metrics: [ciou, giou]
     license: Apache-2.0 (annotations); COCO images under their Flickr terms
     citation: "Kazemzadeh et al., ReferItGame, EMNLP 2014; Yu et al., ECCV 2016"
@@ -61,11 +60,19 @@ class RegistryEntry(BaseModel):
     options: dict[str, Any] = {}
     label_space: str | None = None
     stages: list[Stage] = []
-    sampling_group: str
     metrics: list[str] = []
     license: str = Field(min_length=1)
     citation: str = Field(min_length=1)
     homepage: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, value: Any) -> Any:
+        # Removed, not just unknown: say where balancing went (reported as field "sampling_group").
+        if isinstance(value, dict) and "sampling_group" in value:
+            raise ValueError("sampling_group: this field was removed - S3 balances per dataset "
+                             "(r_d = max(1, sqrt(t / f_d)), see docs/adding-a-dataset.md), delete the line")
+        return value
 
     @field_validator("format")
     @classmethod

@@ -73,13 +73,16 @@ class DeformableEncoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        """As the reference (x_segmentor._init_weights applied children first): each MSDeformAttn's own
+        init (offset-bias grid, zero attention-weight bias), then xavier over every matrix of the encoder,
+        the offset and attention-weight projections included, and level embeddings zero."""
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
-        nn.init.normal_(self.level_embed)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.zeros_(self.level_embed)
 
     @staticmethod
     def reference_points(shapes: Sequence[tuple[int, int]], batch: int, device: torch.device,

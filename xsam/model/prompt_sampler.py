@@ -1,10 +1,12 @@
 """Visual-prompt sampler (paper version): one LLM-space token per prompted region. No parameters.
 
-For each prompt mask, `num_points` pixels are drawn uniformly with replacement from the mask's
-foreground; the segmentation-projector token map is sampled bilinearly at those pixels' centres
-(grid_sample, align_corners=False, coordinates normalised by the mask size, so the mask may have any
-resolution as long as it covers the same frame as the token map: the padded SAM frame), and an
-adaptive max pool over the points gives the region token.
+For each prompt mask with n foreground pixels, `num_points` (P) pixels are drawn as X-SAM's
+`rand_sample_repeat` does: n >= P -> P distinct pixels (without replacement); n < P -> every pixel
+once plus P - n drawn with replacement. The segmentation-projector token map is sampled bilinearly
+at those pixels with X-SAM's convention: pixel (row, col) of an [Hm, Wm] mask -> (col / Wm, row / Hm)
+mapped to [-1, 1], grid_sample with align_corners=True (so the mask may have any resolution as long
+as it covers the same frame as the token map: the padded SAM frame), and an adaptive max pool over
+the points gives the region token.
 
 Edge cases (documented choices):
   * an empty mask samples every point at the centre of the frame (normalised (0, 0));
@@ -28,7 +30,7 @@ class VisualPromptSampler(nn.Module):
 
     def sample_points(self, prompt_masks: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """prompt_masks [R, Hm, Wm] (bool or 0/1) -> normalised (x, y) in [-1, 1], [R, num_points, 2]
-        (pixel centres: x = (col + 0.5) / Wm * 2 - 1). Empty masks -> all points (0, 0)."""
+        (x = col / Wm * 2 - 1, for align_corners=True, as X-SAM). Empty masks -> all points (0, 0)."""
         if prompt_masks.dim() != 3:
             raise ValueError(f"prompt_masks must be [R, Hm, Wm], got {tuple(prompt_masks.shape)}")
         r, h, w = prompt_masks.shape
@@ -36,11 +38,19 @@ class VisualPromptSampler(nn.Module):
         empty = ~fg.any(dim=1)
         weights = fg.float()
         weights[empty] = 1.0  # any valid distribution; these rows are overwritten below
-        idx = torch.multinomial(weights, self.num_points, replacement=True, generator=generator)  # [R, P]
+        p = self.num_points
+        # without replacement: the P foreground pixels with the smallest random keys (background keys = 2)
+        keys = torch.rand(r, h * w, generator=generator, device=fg.device).masked_fill(~fg, 2.0)
+        distinct = torch.topk(keys, min(p, h * w), dim=1, largest=False).indices  # [R, min(P, HW)]
+        if distinct.shape[1] < p:
+            distinct = torch.cat([distinct, distinct[:, :1].expand(r, p - distinct.shape[1])], dim=1)
+        extra = torch.multinomial(weights, p, replacement=True, generator=generator)  # [R, P]
+        n = fg.sum(dim=1, keepdim=True)  # [R, 1]
+        idx = torch.where(torch.arange(p, device=fg.device) < n, distinct, extra)  # [R, P]
         rows = torch.div(idx, w, rounding_mode="floor")
         cols = idx - rows * w
-        x = (cols.to(torch.float32) + 0.5) / w * 2 - 1
-        y = (rows.to(torch.float32) + 0.5) / h * 2 - 1
+        x = cols.to(torch.float32) / w * 2 - 1
+        y = rows.to(torch.float32) / h * 2 - 1
         grid = torch.stack([x, y], dim=-1)
         grid[empty] = 0.0
         return grid
@@ -57,6 +67,6 @@ class VisualPromptSampler(nn.Module):
         grid = self.sample_points(prompt_masks, generator).to(device=token_map.device, dtype=token_map.dtype)
         fmap = token_map.permute(2, 0, 1).unsqueeze(0)  # [1, D, g, g]
         sampled = F.grid_sample(fmap, grid.unsqueeze(0), mode="bilinear", padding_mode="border",
-                                align_corners=False)  # [1, D, R, P]
+                                align_corners=True)  # [1, D, R, P]
         pooled = F.adaptive_max_pool1d(sampled[0].permute(1, 0, 2), 1)  # [R, D, 1]
         return pooled.squeeze(-1)

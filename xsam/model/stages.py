@@ -3,9 +3,8 @@ multiplier (reference section 2). A trainer reads `param_groups(model, policy, l
 
     S1 segmentor fine-tune : SAM encoder (lr x0.1), connector, pixel + transformer decoder, linear
                              134-way head. No LLM, no SigLIP.
-    S2 alignment           : only the two projectors (+ the LLM's embedding and LM head, which stay
-                             trainable whenever the LLM is frozen, for the added special tokens).
-                             No decoder.
+    S2 alignment           : only the two projectors; the LLM (embedding and LM head included),
+                             SigLIP and SAM frozen, as the reference (freeze_llm=True). No decoder.
     S3 mixed fine-tune     : everything; SigLIP and SAM at lr x0.1. The S1 linear head is dropped,
                              the cosine head and latent background start fresh.
 
@@ -69,13 +68,13 @@ S2 = StagePolicy(
     rules=(
         Rule("image_projector", True),
         Rule("seg_projector", True),
-        Rule("llm.model.model.embed_tokens", True),
-        Rule("llm.model.lm_head", True),
-        Rule("llm", False),
+        Rule("llm", False),  # embedding and LM head included (reference S2: freeze_llm=True)
         Rule("siglip", False),
         Rule("sam", False),
         Rule("llm_to_decoder", False),  # built, trained from S3 on
     ),
+    # the frozen embedding rows of the added special tokens go along, so S3 starts from the rows the
+    # projectors were aligned against
     exports=("image_projector", "seg_projector", "llm.model.model.embed_tokens", "llm.model.lm_head"),
 )
 

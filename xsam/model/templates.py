@@ -14,9 +14,10 @@ Formats (what the LLM sees between ``<|user|>\\n`` and ``<|end|>``; see `tokeniz
   queries -> REFERRING_QUESTIONS; with an explanation: REASONING_EXPLAIN_QUESTIONS answered
   ``{explanation} And it is <SEG>.`` (REASONING_EXPLAIN_ANSWER).
 - GCG: question from GCG_QUESTIONS; answer = the caption with each grounded span wrapped as
-  ``<p>span</p>``, one space, then a closing sentence from GCG_ANSWER_SUFFIXES (``<SEG>.``,
-  ``And <SEG>.``, ...). Example: ``A <p>man</p> rides a <p>red bike</p>. And <SEG>.`` Phrase i is mask i,
-  in caption order. `tokenizer.parse_gcg` inverts this format.
+  ``<p>span</p>`` FOLLOWED BY ONE EXTRA SPACE (X-SAM's `tag_caption`: ``f"<p>{span}</p> {rest}"``),
+  one space, then a closing sentence from GCG_ANSWER_SUFFIXES (``<SEG>.``, ``And <SEG>.``, ...).
+  Example: ``A <p>man</p>  rides a <p>red bike</p> . And <SEG>.`` Phrase i is mask i, in caption
+  order. `tokenizer.parse_gcg` inverts this format.
 - VGD / interactive: question from VGD_QUESTIONS with ``{regions}`` = ``<p><region></p>, <p><region></p>``
   (one per prompt, interactive: one); answer from SEG_ANSWERS.
 - The image: the first user turn of a sample starts with IMAGE_PREFIX (`with_image`).
@@ -173,16 +174,16 @@ def gcg_question(index: int) -> str:
 
 
 def gcg_answer(caption: str, phrases: Sequence[tuple[int, int]], index: int) -> str:
-    """Wrap each char span ``(start, end)`` of `caption` as ``<p>...</p>`` and append the closing
-    sentence GCG_ANSWER_SUFFIXES[index]. Spans must be sorted, non-empty and non-overlapping (the
-    caller sorts them and its masks with them: phrase i <-> mask i)."""
+    """Wrap each char span ``(start, end)`` of `caption` as ``<p>...</p>`` plus one space (as X-SAM's
+    `tag_caption`) and append the closing sentence GCG_ANSWER_SUFFIXES[index]. Spans must be sorted,
+    non-empty and non-overlapping (the caller sorts them and its masks with them: phrase i <-> mask i)."""
     suffix = _pick(GCG_ANSWER_SUFFIXES, index, "gcg answer")
     parts, prev = [], 0
     for start, end in phrases:
         if not prev <= start < end <= len(caption):
             raise ValueError(f"GCG spans must be sorted, non-empty, non-overlapping and inside the caption: "
                              f"{list(phrases)} for a caption of {len(caption)} chars")
-        parts += [caption[prev:start], "<p>", caption[start:end], "</p>"]
+        parts += [caption[prev:start], "<p>", caption[start:end], "</p> "]
         prev = end
     parts.append(caption[prev:])
     body = "".join(parts).rstrip()

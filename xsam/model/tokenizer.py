@@ -173,13 +173,15 @@ def _strip_lead_in(text: str) -> str:
 
 
 def parse_gcg(text: str) -> tuple[str, list[tuple[int, int]]]:
-    """Invert `templates.gcg_answer`: ``"A <p>man</p> rides a <p>red bike</p>. And <SEG>."`` ->
+    """Invert `templates.gcg_answer`: ``"A <p>man</p>  rides a <p>red bike</p> . And <SEG>."`` ->
     ``("A man rides a red bike.", [(2, 5), (14, 22)])``.
 
     Everything from the first ``<SEG>`` on is dropped, then the closing sentence's lead-in (one of
     templates.GCG_LEAD_INS) if present; ``<|end|>`` and other end tokens are removed. Tags are removed
     and each ``<p> ... </p>`` becomes a (start, end) char span of the caption (whitespace inside the
-    tags trimmed). A ``<p>`` never closed or a stray ``</p>`` (free generation) gives no span.
+    tags trimmed). One space right after ``</p>`` is dropped when the next character is not a letter or
+    digit (the extra space of X-SAM's format; ``</p> rides`` keeps its space). A ``<p>`` never closed
+    or a stray ``</p>`` (free generation) gives no span.
     """
     for stop in _GENERATION_ENDS:
         text = text.replace(stop, "")
@@ -187,7 +189,7 @@ def parse_gcg(text: str) -> tuple[str, list[tuple[int, int]]]:
         text = _strip_lead_in(text[: text.index(SEG_TOKEN)])
     text = text.replace(SEG_TOKEN, "")
     caption, spans, open_at = [], [], None
-    length = 0
+    length, after_close = 0, False
     for piece in re.split(r"(<p>|</p>)", text):
         if piece == P_TOKEN:
             open_at = length
@@ -195,9 +197,14 @@ def parse_gcg(text: str) -> tuple[str, list[tuple[int, int]]]:
             if open_at is not None and length > open_at:
                 spans.append((open_at, length))
             open_at = None
+            after_close = True
+            continue
         elif piece:
+            if after_close and piece[0] == " " and not piece[1:2].isalnum():
+                piece = piece[1:]  # the extra space gcg_answer (X-SAM) puts after "</p>"
             caption.append(piece)
             length += len(piece)
+        after_close = False
     raw = "".join(caption)
     lead = len(raw) - len(raw.lstrip())
     caption_text = raw.strip()

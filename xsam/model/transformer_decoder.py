@@ -138,6 +138,8 @@ class MaskedAttentionDecoder(nn.Module):
             self.ffn_layers.append(FFNLayer(d, cfg.dim_feedforward, cfg.pre_norm))
         for layers in (self.cross_attention_layers, self.self_attention_layers, self.ffn_layers):
             _xavier_init(layers)
+        for emb in (self.level_embed, self.query_feat, self.query_embed):  # reference: nn.Embedding N(0, 0.02)
+            nn.init.normal_(emb.weight, std=0.02)
 
         self.decoder_norm = nn.LayerNorm(d)
         self.mask_embed = MLP(d, d, d, 3)

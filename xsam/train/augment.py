@@ -19,8 +19,7 @@ CPU reference of the same augmentation (PIL + numpy), kept for tests and tools:
    transform pads with exactly 0 in normalised space instead. Masks are padded with False.
    `valid_size` is the content's (h, w) inside the frame.
 
-`visible` says which masks keep at least one pixel in the crop (the formatter drops the others) without
-resampling them: the same index sets, reduced to the distinct source rows / columns.
+Masks the crop empties are kept (empty targets), as the reference does.
 """
 
 from __future__ import annotations
@@ -71,13 +70,6 @@ def _nearest_index(src: int, dst: int, start: int, count: int) -> np.ndarray:
 def _window_indices(h: int, w: int, crop: ResizeCrop) -> tuple[np.ndarray, np.ndarray]:
     (nh, nw), (oy, ox), (ch, cw) = crop.resized, crop.offset, crop.valid
     return _nearest_index(h, nh, oy, ch), _nearest_index(w, nw, ox, cw)
-
-
-def visible(masks: np.ndarray, crop: ResizeCrop) -> np.ndarray:
-    """[N, H, W] bool -> [N] bool: which masks keep a pixel inside the crop window after the resize."""
-    rows, cols = _window_indices(masks.shape[1], masks.shape[2], crop)
-    rows, cols = np.unique(rows), np.unique(cols)  # sorted: a mask pixel is sampled iff its row and column are
-    return np.take(np.take(masks, rows, axis=1), cols, axis=2).any(axis=(1, 2))
 
 
 def large_scale_jitter(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator, size: int = 1024,

@@ -43,6 +43,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     schedule: str = "cosine"  # cosine (with linear warmup) | multistep
     warmup_ratio: float = 0.03
+    # multistep: linear warmup from lr * this over warmup_ratio of the steps (None: no warmup)
+    warmup_start_factor: float | None = None
     milestones: list[float] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
     gamma: float = 0.1
     zero_stage: int = 2

@@ -18,9 +18,11 @@ Rules per task (stage gating: s1 = generic / semantic / instance only, s2 = chat
   `templates.clean_category_name`. Targets: ONE MASK PER NON-CROWD SEGMENT (instance level, stuff and
   things, as X-SAM's GenericSegDataset and Mask2Former's panoptic training do; PQ / AP need instances),
   label = the prompt index of its category. ``generic_targets="category"`` switches to one union mask per
-  present category. Crowd: crowd segments give no target, and a category present ONLY as crowd is
-  left out of the prompt entirely (listing it as a negative would teach "absent" on a crowd region).
-  Negatives whose cleaned name equals a positive's are also left out (no contradictory duplicates).
+  present category. Crowd: crowd segments give no target; a category present ONLY as crowd is, as
+  X-SAM does, always listed with the positives for generic_seg (panoptic: crowd segments take part in
+  its category draw) and an ordinary negative candidate for semantic_seg / instance_seg (crowd
+  annotations dropped before the draw). Negatives whose cleaned name equals a listed category's are
+  left out (no contradictory duplicates).
 - referring_seg / gres (mode per_phrase): each ReferringExpression with at least one segment and one
   non-empty sentence is one object (gres: union of its segments; no-target expressions are dropped, as
   the reference drops them); objects shuffled; one sentence per object at random; chunks of
@@ -29,10 +31,11 @@ Rules per task (stage gating: s1 = generic / semantic / instance only, s2 = chat
   queries at random; with probability explain_prob when an explanation exists: the explain question and
   ``{explanation} And it is <SEG>.``; otherwise reasoning_question(query, idx, is_sentence) + seg_answer.
   Target = union of the segments.
-- gcg (mode per_sample): phrases sorted by (start, end); a phrase starting before the previous kept
-  phrase ends is dropped (X-SAM's overlap rule), as are empty spans and phrases without segments; span
-  whitespace is trimmed (``parse_gcg`` trims it too). gcg_question + gcg_answer; mask k = union of
-  phrase k's segments.
+- gcg (mode per_sample): the caption is lowercased (as X-SAM; offsets kept); phrases sorted by start
+  (stable); a phrase whose stored start is not AFTER the previous kept phrase's stored end
+  (start <= prev_end, X-SAM's `_remove_overlapping_intervals`: touching spans are dropped too) is
+  dropped, as are empty spans and phrases without segments; span whitespace is trimmed (``parse_gcg``
+  trims it too). gcg_question + gcg_answer; mask k = union of phrase k's segments.
 - vgd (mode per_sample), as X-SAM's VGDSegDataset: ONE REGION PER CATEGORY present among the non-crowd
   segments that have a stored prompt, regions in random order; region r's prompt = a random prompted
   instance of that category with a random stored prompt TYPE (a type whose mask decodes empty is
@@ -46,7 +49,7 @@ Rules per task (stage gating: s1 = generic / semantic / instance only, s2 = chat
 - S1 (any generic / semantic / instance sample, no text, mode per_sample): one mask per non-crowd
   segment, label = index of its category in the label space's category list (contiguous 0..K-1);
   the large-scale jitter's geometry is drawn here (`augment.draw_jitter`, one draw) and kept in
-  `Formatted.crop`; masks emptied by the crop are dropped (`augment.visible`). The example keeps the
+  `Formatted.crop`; masks emptied by the crop are KEPT (empty targets), as the reference does. The example keeps the
   ORIGINAL image and masks: the resize / crop / pad runs in the model's device transform
   (`S1Batch.prepared`; `augment.large_scale_jitter` is its CPU reference).
 
@@ -80,7 +83,7 @@ from xsam.model.batching import Example, bool_tensor
 from xsam.model.preprocess import ResizeCrop, image_tensor
 from xsam.model.tokenizer import END_P_TOKEN, IMAGE_TOKEN, P_TOKEN, REGION_TOKEN, SEG_TOKEN
 from xsam.model.xsam import DecodeMode, S1Batch
-from xsam.train.augment import draw_jitter, visible
+from xsam.train.augment import draw_jitter
 
 STAGES = ("s1", "s2", "s3")
 _GENERIC_TASKS = frozenset({Task.generic_seg, Task.semantic_seg, Task.instance_seg})
@@ -127,6 +130,12 @@ def _strip_markers_mapped(text: str) -> tuple[str, list[int]]:
         keep[m.start():m.end()] = False
     mapping = np.concatenate([[0], np.cumsum(keep)]).tolist()
     return "".join(c for c, k in zip(text, keep) if k), mapping
+
+
+def _lower_same_length(text: str) -> str:
+    """Lowercase (X-SAM lowercases GCG captions) keeping every offset: a character whose lowercase
+    form has another length (e.g. "\u0130") is kept as it is."""
+    return "".join(low if len(low := c.lower()) == 1 else c for c in text)
 
 
 def _pick(rng: np.random.Generator, n: int) -> int:
@@ -265,13 +274,17 @@ class Formatter:
         positives = sorted({index[s.category_id] for s in segs})  # label-space order
         if not positives:
             return []
-        crowd_only = {index[s.category_id] for s in sample.segments if s.iscrowd} - set(positives)
-        pos_names = {T.clean_category_name(cats[i]["name"]) for i in positives}
-        pool = [i for i in range(len(cats)) if i not in crowd_only and i not in positives
+        crowd_only = sorted({index[s.category_id] for s in sample.segments if s.iscrowd} - set(positives))
+        # X-SAM: panoptic passes crowd segments to the category draw (crowd-only categories are listed
+        # like positives, without a target); instance / semantic drop crowd annotations first (crowd-only
+        # categories are ordinary negative candidates)
+        listed = positives + crowd_only if sample.task is Task.generic_seg else positives
+        pos_names = {T.clean_category_name(cats[i]["name"]) for i in listed}
+        pool = [i for i in range(len(cats)) if i not in listed
                 and T.clean_category_name(cats[i]["name"]) not in pos_names]
-        n_neg = int(rng.integers(0, max(0, self.max_negatives - len(positives)) + 1))
+        n_neg = int(rng.integers(0, max(0, self.max_negatives - len(listed)) + 1))
         negatives = [pool[j] for j in rng.choice(len(pool), size=min(n_neg, len(pool)), replace=False)]
-        prompt = [(positives + negatives)[j] for j in rng.permutation(len(positives) + len(negatives))]
+        prompt = [(listed + negatives)[j] for j in rng.permutation(len(listed) + len(negatives))]
         names = [T.clean_category_name(cats[i]["name"]) for i in prompt]
         question = T.generic_question(names, _pick(rng, len(T.GENERIC_QUESTIONS)), clean=False)
         answer = T.seg_answer(_pick(rng, len(T.SEG_ANSWERS)))
@@ -347,17 +360,19 @@ class Formatter:
         if _MARKER_RE.search(caption):
             caption, mapping = _strip_markers_mapped(caption)
             spans = [(mapping[min(s, len(mapping) - 1)], mapping[min(e, len(mapping) - 1)], sids) for s, e, sids in spans]
-        kept, prev_end = [], 0
-        for start, end, sids in sorted(spans, key=lambda x: (x[0], x[1])):
+        caption = _lower_same_length(caption)  # after the markers are gone ("<SEG>" is case-sensitive)
+        kept, prev_end = [], None
+        for start, end, sids in sorted(spans, key=lambda x: x[0]):  # stable: ties keep the stored order
             end = min(end, len(caption))
+            s0, e0 = start, end  # the overlap rule compares the spans as stored, as X-SAM does
             while start < end and caption[start].isspace():
                 start += 1
             while end > start and caption[end - 1].isspace():
                 end -= 1
-            if start >= end or not sids or start < prev_end:
+            if start >= end or not sids or (prev_end is not None and s0 <= prev_end):
                 continue
             kept.append((start, end, sids))
-            prev_end = end
+            prev_end = e0
         if not kept:
             return []
         question = T.gcg_question(_pick(rng, len(T.GCG_QUESTIONS)))
@@ -444,10 +459,12 @@ class Formatter:
                                  f"is not in label space {sample.label_space}")
         mk = _Masks(sample, image.shape[:2])
         _, crop = draw_jitter(*image.shape[:2], rng, self.sam_size, self.s1_jitter)
+        # every segment stays a target, also one the crop empties (the reference keeps them:
+        # base_dataset.py crops mask_labels with the image and filters nothing, so the matched query
+        # learns an empty mask for its class)
         masks = mk.stack([mk.target([s.id]) for s in segs])
-        keep = visible(masks, crop)
-        labels = [index[s.category_id] for s, k in zip(segs, keep) if k]
-        ex = Example(image=image, turns=[], masks=masks if keep.all() else masks[keep], labels=labels)
+        labels = [index[s.category_id] for s in segs]
+        ex = Example(image=image, turns=[], masks=masks, labels=labels)
         return [self._out(sample, ex, DecodeMode.per_sample, crop=crop)]
 
 

@@ -52,7 +52,15 @@ class InjectedFailure(RuntimeError):
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: float):
-    """Multiplier of the base lr at optimizer step k: linear warmup + cosine, or multistep."""
+    """Multiplier of the base lr at optimizer step k (0-based): linear warmup + cosine, or multistep.
+
+    Multistep with `cfg.warmup_start_factor` set is the reference's S1 schedule (mmengine LinearLR
+    start_factor over [0, w), then MultiStepLR over [w, end), both converted to iterations, with
+    w = warmup_ratio * total_steps, not rounded): the factor rises linearly from warmup_start_factor at
+    k = 0 to 1 at the last warmup step (mmengine's total_iters = w - 1), and the milestones count from
+    the first step after the warmup, as mmengine's MultiStepLR counts its steps from its `begin`: with
+    w = 1.08 epochs, milestones [24, 30] drop the lr at epochs 25.08 and 31.08.
+    """
     warmup = int(cfg.warmup_ratio * total_steps)
 
     def cosine(k: int) -> float:
@@ -64,7 +72,16 @@ def lr_lambda(cfg: TrainConfig, total_steps: int, steps_per_epoch: float):
     def multistep(k: int) -> float:
         return cfg.gamma ** sum(k >= m * steps_per_epoch for m in cfg.milestones)
 
-    return multistep if cfg.schedule == "multistep" else cosine
+    def warmup_multistep(k: int) -> float:
+        w = cfg.warmup_ratio * total_steps
+        if k < w:
+            start = cfg.warmup_start_factor
+            return start + (1.0 - start) * k / (w - 1) if w > 1 else start
+        return multistep(k - math.ceil(w))
+
+    if cfg.schedule != "multistep":
+        return cosine
+    return multistep if cfg.warmup_start_factor is None else warmup_multistep
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
