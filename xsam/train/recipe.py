@@ -152,8 +152,9 @@ class StageRecipe:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         w = cfg.weights
-        built = build_xsam(with_overrides(resolve_config(cfg.preset), cfg.model_overrides), self.policy, WeightPaths(sam=w.get("sam"), siglip=w.get("siglip"),
-                                                                 llm=w.get("llm"), tokenizer=w.get("tokenizer")))
+        model_cfg = with_overrides(resolve_config(cfg.preset), cfg.model_overrides)
+        built = build_xsam(model_cfg, self.policy, WeightPaths(sam=w.get("sam"), siglip=w.get("siglip"),
+                                                               llm=w.get("llm"), tokenizer=w.get("tokenizer")))
         self.model, self.tokenizer, self.model_cfg = built.model, built.tokenizer, built.model.cfg
         self.init_reports = {k: str(v) for k, v in built.reports.items()}
         for folder in cfg.init_from:  # a folder or s3:// prefix, read directly and checked complete
