@@ -118,7 +118,7 @@ def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max
 
 
 def log_checkpoint(client, experiment_id: str, checkpoint: str, benches, results, seed: int, fingerprints,
-                   parent_run: str | None = None) -> str:
+                   parent_run: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
     from pipelines.train import code_version
     from xsam.model.export import read_manifest as read_export_manifest
 
@@ -128,7 +128,7 @@ def log_checkpoint(client, experiment_id: str, checkpoint: str, benches, results
         "xsam.seed": str(seed), "xsam.train_data_fingerprint": str(manifest.get("data_fingerprint")),
         **{f"xsam.primary.{b.name}": b.primary for b in benches},
         **{f"xsam.eval_data.{name}": fp for name, fp in fingerprints.items()},
-        **({"mlflow.parentRunId": parent_run} if parent_run else {})})
+        **({"mlflow.parentRunId": parent_run} if parent_run else {}), **(extra_tags or {})})
     pid = parent.info.run_id
     client.log_param(pid, "checkpoint", checkpoint)
     client.log_param(pid, "benchmarks", ",".join(b.name for b in benches))
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None):
     import ray
     from mlflow import MlflowClient
 
-    from xsam.eval.selection import register_checkpoint, select
+    from xsam.eval.selection import RULE, current_alias, register_checkpoint, select
     from xsam.train.shard_index import ShardIndex
 
     client = MlflowClient(args.tracking_uri)
@@ -201,23 +201,40 @@ def main(argv: list[str] | None = None):
     if not benches:
         raise SystemExit("[evaluate] no benchmark to score")
     fingerprints = {b.name: ShardIndex.build(args.shards, [(b.dataset, b.split)]).fingerprint() for b in benches}
+    sizes = {b.name: ShardIndex.read_manifests(args.shards, [(b.dataset, b.split)])[(b.dataset, b.split)].num_samples
+             for b in benches}
+    # a run that leaves samples out (--max-samples below a benchmark's size) is PARTIAL: tagged, never selected
+    truncated = sorted(n for n, size in sizes.items() if args.max_samples and args.max_samples < size)
+    partial = {"xsam.partial": "true" if truncated else "false"}
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    run_ids: list[str] = []
     for spec in args.checkpoints.split(","):
         checkpoint = resolve_checkpoint(spec.strip(), client)
         results = evaluate_checkpoint(checkpoint, benches, args.shards, args.workers, args.max_samples, args.overlays,
                                       args.gpus_per_worker)
-        run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints, args.parent_run)
+        run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints, args.parent_run,
+                                extra_tags={**partial, **({"xsam.truncated": ",".join(truncated)} if truncated else {})})
+        run_ids.append(run_id)
         source = checkpoint
         if not storage.is_uri(checkpoint):  # the registry keeps its own copy of a local checkpoint
             client.log_artifacts(run_id, checkpoint, "checkpoint")
             source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
-        version = register_checkpoint(client, args.model_name, source, run_id, {"xsam.checkpoint": checkpoint})
+        version = register_checkpoint(client, args.model_name, source, run_id,
+                                      {"xsam.checkpoint": checkpoint, **partial})
         summary = {b.name: round(results[b.name][0].get(b.primary, float("nan")), 3) for b in benches}
         print(f"[evaluate] {checkpoint}: version {version}, run {run_id}, primary {json.dumps(summary)}")
     decision = select(client, args.model_name, args.alias)
-    print(f"[evaluate] alias {args.alias!r} -> {args.model_name} version {decision.version} "
-          f"(mean primary {decision.score:.3f} over {len(decision.metrics)} benchmarks)")
+    if decision is None:
+        print(f"[evaluate] alias {args.alias!r} not moved: every version is partial (--max-samples)")
+    else:
+        record = {"alias": args.alias, "version": decision.version, "rule": RULE, "score": decision.score,
+                  "benchmarks": decision.metrics, "candidates": decision.candidates}
+        for rid in run_ids + ([args.parent_run] if args.parent_run else []):
+            client.log_dict(rid, record, "selection/decision.json")
+    now = current_alias(client, args.model_name, args.alias)  # read back: what the registry says now
+    print(f"[evaluate] registry: {args.model_name}@{args.alias} = version {now}"
+          + (f" (mean primary {decision.score:.3f} over {len(decision.metrics)} benchmarks)" if decision else ""))
     return decision
 
 

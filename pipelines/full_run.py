@@ -81,6 +81,8 @@ def evaluate_step(argv: list[str], upstream: dict) -> dict:
     from pipelines.evaluate import main
 
     decision = main(argv)
+    if decision is None:  # every version partial: the alias did not move
+        return {"version": None, "score": None, "metrics": {}}
     return {"version": decision.version, "score": decision.score, "metrics": decision.metrics}
 
 
@@ -203,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         print(f"  {stage}:          {exports[stage]} ({summary[stage]['status']})")
     print(f"  MLflow:      {s1.mlflow_uri} experiment {s1.mlflow_experiment!r}, workflow run {wid}")
-    print(f"  model:       {args.model_name} version {selected['version']} carries alias 'champion' "
-          f"(mean primary {selected['score']:.2f})")
+    # read back from the registry (also when the evaluate step was skipped: no stale champion)
+    from xsam.eval.selection import current_alias
+
+    champion = current_alias(client, args.model_name, "champion")
+    how = (f"selected this run, mean primary {selected['score']:.2f}" if selected.get("version") == champion
+           and selected.get("score") is not None else "from the registry")
+    print(f"  model:       {args.model_name}@champion = version {champion} ({how})")
     if s1.mlflow_uri.startswith("sqlite:"):
         print(f"  open the UI: mlflow ui --backend-store-uri {s1.mlflow_uri}   (then http://127.0.0.1:5000)")
     return 0

@@ -9,6 +9,10 @@ apart ("executed"). S2 / S3 text per source: measured through the real formatter
 converted shards when they and the tokenizer are reachable, otherwise a stated assumption.
 Memory (xsam.train.memory): ZeRO-partitioned model states + activations measured per part on the meta
 device, with and without activation checkpointing, against 40 and 80 GiB GPUs.
+Mixture (xsam.train.mixture, the Schedule's own figures): per source samples, records after the
+recipe's expansion (xsam.data.expansion: referring images give one record per sentence combination),
+the balancing repeat factor r_d, draws per epoch and their share; records from the manifests, else
+the public estimates below.
 Time = model FLOPs / (GPUs x peak x MFU). Peak (A100 bf16 dense 312 TFLOP/s) and MFU per stage are
 stated assumptions, printed beside the MFU that X-SAM's reported hours imply.
 """
@@ -17,14 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from xsam.data import storage
 from xsam.data.shards import read_manifest
 from xsam.model.builder import resolve_config
 from xsam.train.memory import OVERHEAD, GiB, StateBytes, state_bytes
+from xsam.train.mixture import SourceMix, mixture
 from xsam.train.planning import (
     activation_bytes,
-    balanced_epoch,
     implied_mfu,
     sample_flops,
     stage_model,
@@ -51,9 +56,38 @@ PUBLIC_SAMPLES = {
     "coco_vgd/train2017": 117_266,
 }
 
+# Training records of the referring sets until their manifests count them (xsam.data.expansion: per image
+# min(prod, sum) of its objects' deduplicated sentence counts), estimated from REFER's train-split
+# statistics (RefCOCO unc: 120,624 sentences / 42,404 refs / 16,994 images; RefCOCO+ unc: 120,191 / 42,278 /
+# 16,992; RefCOCOg umd: 80,512 / 42,226 / 21,899) as sentences x REFER_RECORDS_PER_SENTENCE.
+# An image gives exactly its sentence count unless (a) an object repeats a sentence (REFER's `sent` is
+# already lowercased and tokenised, so only verbatim repeats go) or (b) single-sentence objects make the
+# product smaller than the sum (sizes (1, 2): 2 records for 3 sentences). Neither is published; assumed,
+# not measured: 5% together, the same for the three sets. The reasoning: RefCOCOg has 1.91 sentences per
+# object and 1.93 objects per image, so ~9% of its objects would have one sentence (if 1 or 2 each), ~17%
+# of its images hold one and lose ~1 record each: ~4.5%; RefCOCO/+ (2.84 per object, 2.5 objects per
+# image) lose little to (b) but more to (a) (3.5-word expressions such as "left" repeat). Sensitivity:
+# each 5% fewer records moves the RefCOCO/+/g share of the paper's S3 by about half a point.
+REFER_TRAIN_SENTENCES = {"refcoco/train": 120_624, "refcoco_plus/train": 120_191, "refcocog/train": 80_512}
+REFER_RECORDS_PER_SENTENCE = 0.95
+PUBLIC_RECORDS = {name: round(n * REFER_RECORDS_PER_SENTENCE) for name, n in REFER_TRAIN_SENTENCES.items()}
+# every other public set: one record per image (xsam.data.expansion)
 
-def samples(shards: str, datasets: list[str]) -> dict[str, tuple[int | None, str, int | None]]:
-    """dataset/split -> (samples, where the number comes from, shard count)."""
+REFERRING = ("refcoco", "refcoco_plus", "refcocog")  # the datasets of the summed referring share
+ORIGINAL_REFERRING_SHARE = 23.7  # percent of the original X-SAM's S3 draws that come from RefCOCO/+/g
+
+
+class Source(NamedTuple):
+    samples: int | None
+    basis: str  # where the samples come from
+    shards: int | None
+    records: int | None  # training records after expansion
+    records_basis: str
+
+
+def sources(shards: str, datasets: list[str]) -> dict[str, Source]:
+    """dataset/split -> its samples and records, and where they come from: the converted manifest, else the
+    public sizes (PUBLIC_SAMPLES, PUBLIC_RECORDS)."""
     out = {}
     for name in datasets:
         d, s = name.split("/", 1)
@@ -61,11 +95,48 @@ def samples(shards: str, datasets: list[str]) -> dict[str, tuple[int | None, str
             m = read_manifest(storage.join(shards, d, s, "manifest.json"))
         except Exception:  # noqa: BLE001 - an unreachable store is "not converted yet" for a plan
             m = None
-        if m is not None:
-            out[name] = (m.num_samples, "manifest", len(m.shards))
+        if m is None:
+            n = PUBLIC_SAMPLES.get(name)
+            records = (PUBLIC_RECORDS[name], "public estimate") if name in PUBLIC_RECORDS else (n, "1 per image")
+            out[name] = Source(n, "public size (not converted yet)", None, *records)
+        elif m.num_records is None:
+            out[name] = Source(m.num_samples, "manifest", len(m.shards), m.num_samples,
+                               "not in the manifest (converted before they were counted): = samples")
         else:
-            out[name] = (PUBLIC_SAMPLES.get(name), "public size (not converted yet)", None)
+            out[name] = Source(m.num_samples, "manifest", len(m.shards), m.num_records, "manifest")
     return out
+
+
+def stage_mixture(srcs: dict[str, Source], t: float) -> dict[str, SourceMix]:
+    """The balanced mixture of the sources whose samples are known."""
+    return mixture({k: v.samples for k, v in srcs.items() if v.samples},
+                   {k: v.records for k, v in srcs.items() if v.samples and v.records is not None}, t)
+
+
+def referring_share(mix: dict[str, SourceMix]) -> float | None:
+    """Percent of the draws that come from RefCOCO/+/g; None when the stage has none of them."""
+    shares = [m.share for name, m in mix.items() if name.split("/", 1)[0] in REFERRING]
+    return sum(shares) if shares else None
+
+
+def print_mixture(srcs: dict[str, Source], mix: dict[str, SourceMix]) -> None:
+    """One line per source (dataset name first, its share of the draws last), then the referring total."""
+    for name, src in srcs.items():
+        if name not in mix:
+            print(f"    {name:28s}   unknown samples ({src.basis})")
+            continue
+        m = mix[name]
+        shards = f"; {src.shards} shards" if src.shards is not None else ""
+        where = f"{src.basis}{shards}; records: {src.records_basis}"
+        print(f"    {name:28s} {m.samples:>9,d} samples {m.records:>9,d} records (x{m.expansion:.2f}) repeat "
+              f"x{m.repeat:.2f} {m.draws:>11,.0f} draws  [{where}]  share {m.share:.1f}%")
+    refer = referring_share(mix)
+    if refer is not None:
+        print(f"    referring RefCOCO/+/g ({', '.join(REFERRING)}): {refer:.1f}% of the draws per epoch "
+              f"(the original X-SAM: {ORIGINAL_REFERRING_SHARE}%)")
+    if any(s.records_basis == "public estimate" for s in srcs.values()):
+        print(f"    records 'public estimate': REFER train sentences x {REFER_RECORDS_PER_SENTENCE} "
+              f"(PUBLIC_RECORDS in pipelines/plan.py)")
 
 
 def load_tokenizer(weights: dict[str, str]):
@@ -86,9 +157,9 @@ def stage_text(stage: str, cfg, shards: str, counts: dict, tokenizer, why_not: s
                n: int = TEXT_SAMPLES) -> dict[str, TextStats]:
     """Per dataset/split of an S2 / S3 stage: measured TextStats, or the assumption (with the reason)."""
     out = {}
-    for name, (_, source, _) in counts.items():
+    for name, entry in counts.items():  # a Source, or any (samples, basis, ...) tuple
         dataset, split = name.split("/", 1)
-        reason = why_not if source == "manifest" else "not converted"
+        reason = why_not if entry[1] == "manifest" else "not converted"
         if reason is None:
             try:
                 out[name] = measure_text(shards, dataset, split, stage, tokenizer, resolve_config(cfg.preset), n)
@@ -199,16 +270,12 @@ def print_plan(profile: str, cfgs: dict, shards: str) -> None:
               f"DeepSpeed ZeRO-{cfg.zero_stage}, {'bf16' if cfg.bf16 else 'fp32'}")
     print("  evaluate  Ray actors, one model copy each; then the registry alias")
     for stage, cfg in cfgs.items():
-        counts = samples(shards, cfg.datasets)
-        known = {k: v[0] for k, v in counts.items() if v[0]}
-        epoch = balanced_epoch(known, cfg.balance_t)
-        print(f"\n[plan] {stage}: {len(cfg.datasets)} dataset(s), balancing t = {cfg.balance_t}")
-        for name, (n, source, nshards) in counts.items():
-            if n:
-                shard_txt = f"{nshards} shards" if nshards is not None else "shards: -"
-                print(f"    {name:32s} {n:>9,d} samples ({source}; {shard_txt}), repeat x{epoch[name] / n:.2f}")
-            else:
-                print(f"    {name:32s}   unknown samples ({source})")
+        counts = sources(shards, cfg.datasets)
+        mix = stage_mixture(counts, cfg.balance_t)
+        epoch = {k: m.draws for k, m in mix.items()}  # draws (records) per epoch
+        print(f"\n[plan] {stage}: {len(cfg.datasets)} dataset(s), balancing t = {cfg.balance_t}: repeat "
+              f"r_d = max(1, sqrt(t / f_d)), f_d the share of the records; draws = r_d x records")
+        print_mixture(counts, mix)
         gbatch = cfg.batch_per_rank * cfg.num_workers * cfg.grad_accum
         per_epoch = sum(epoch.values())
         steps = int(per_epoch * cfg.epochs / gbatch)
@@ -221,7 +288,7 @@ def print_plan(profile: str, cfgs: dict, shards: str) -> None:
             text = stage_text(stage, cfg, shards, {k: counts[k] for k in epoch}, tokenizer, why_not)
         visual = resolve_config(cfg.preset).num_visual_tokens
         tokens = scale * sum(epoch[k] * text[k].examples * (visual + text[k].text_tokens) for k in epoch) if text else 0
-        print(f"    epoch after balancing {per_epoch:,.0f} samples x {cfg.epochs} epoch(s) / global batch {gbatch}"
+        print(f"    epoch after balancing {per_epoch:,.0f} draws x {cfg.epochs} epoch(s) / global batch {gbatch}"
               f" = {steps:,d} optimizer steps; {tokens / 1e9:.2f} B LLM tokens")
         if not epoch:
             continue

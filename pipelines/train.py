@@ -100,8 +100,38 @@ def data_fingerprint(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def mixture_params(manifests: dict, t: float) -> dict[str, str]:
+    """MLflow params of the stage's balanced mixture (xsam.train.mixture), per dataset as the Schedule
+    balances it (its splits together): mix.<dataset>.samples, .records (after expansion), .repeat (r_d) and
+    .share (percent of the draws per epoch). Dataset names are [a-z0-9_] (the registry's rule), so the keys
+    meet MLflow's (letters, digits, _ - . / space). Records come from the manifests; a manifest written
+    before they were counted (num_records None) is reported as such and counted 1 record per sample here
+    (training counts its records from the samples: ShardIndex.records)."""
+    from xsam.train.mixture import mixture
+
+    samples: dict[str, int] = {}
+    records: dict[str, int] = {}
+    uncounted: set[str] = set()
+    for (dataset, _), m in manifests.items():
+        samples[dataset] = samples.get(dataset, 0) + m.num_samples
+        records[dataset] = records.get(dataset, 0) + (m.num_samples if m.num_records is None else m.num_records)
+        if m.num_records is None:
+            uncounted.add(dataset)
+    out = {}
+    for dataset, mix in mixture(samples, records, t).items():
+        out[f"mix.{dataset}.samples"] = str(mix.samples)
+        out[f"mix.{dataset}.records"] = (f"unknown: manifest without num_records, {mix.records} (1 per sample) "
+                                         f"assumed here" if dataset in uncounted else str(mix.records))
+        out[f"mix.{dataset}.repeat"] = f"{mix.repeat:.4f}"
+        out[f"mix.{dataset}.share"] = f"{mix.share:.2f}"
+    return out
+
+
 def start_mlflow_run(cfg: TrainConfig, fingerprint: str) -> str:
     from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from xsam.train.shard_index import ShardIndex
 
     client = MlflowClient(cfg.mlflow_uri)
     exp = client.get_experiment_by_name(cfg.mlflow_experiment)
@@ -117,6 +147,10 @@ def start_mlflow_run(cfg: TrainConfig, fingerprint: str) -> str:
     run = client.create_run(exp_id, run_name=cfg.name, tags=tags)
     for key, value in cfg.to_dict().items():
         client.log_param(run.info.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
+    manifests = ShardIndex.read_manifests(cfg.shards, [tuple(d.split("/", 1)) for d in cfg.datasets])
+    mix = [Param(k, v) for k, v in mixture_params(manifests, cfg.balance_t).items()]
+    for i in range(0, len(mix), 100):  # log_batch takes at most 100 params
+        client.log_batch(run.info.run_id, params=mix[i:i + 100])
     return run.info.run_id
 
 

@@ -53,8 +53,8 @@ def test_ray_job_submit_runs_the_workflow_to_a_selected_model(submitted):
     work, proc = submitted
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "succeeded" in proc.stdout.lower() or "SUCCEEDED" in proc.stdout
-    assert "carries alias 'champion'" in proc.stdout
     steps = _steps(work)
+    assert f"xsam@champion = version {steps['evaluate']['outputs']['version']} (selected this run" in proc.stdout
     assert set(steps) == {"convert", "s1", "s2", "s3", "evaluate"}
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("xsam", "champion")
@@ -74,6 +74,9 @@ def test_rerun_skips_every_step(submitted):
     for step in ("convert", "s1", "s2", "s3", "evaluate"):
         assert f"[full_run] {step}: skipped (up to date)" in proc.stdout
     assert _steps(work) == before
+    # the champion is read back from the registry, not from the skipped step's record
+    champion = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_model_version_by_alias("xsam", "champion")
+    assert f"xsam@champion = version {champion.version} (" in proc.stdout
 
 
 def test_killed_run_resumes_to_the_same_result(submitted, tmp_path):

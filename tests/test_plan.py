@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -194,3 +195,49 @@ def test_text_lengths_are_measured_through_the_formatter(shards):
     flop = planning.sample_flops("tiny", "s3", text=stats["fixture_refcoco/train"])
     assert "mask_decoder" in flop.parts and flop.model > 0
     assert planning.train_flops_per_sample(tiny(), "s3", text=stats["fixture_refcoco/train"]) == flop.model
+
+
+# --------------------------------------------------------------------------- the mixture
+MIX_LINE = re.compile(r"^    (\S+)\s+([\d,]+) samples\s+([\d,]+) records \(x[\d.]+\) repeat x([\d.]+)\s.*share ([\d.]+)%$")
+
+
+def test_paper_s3_mixture_lines_before_conversion(tmp_path, capsys):
+    """The dry-run's mixture for the paper profile's S3 from the public sizes: one line per source that
+    starts with its name and ends with its share; the shares sum to 100; RefCOCO/+/g together come near
+    the original X-SAM's 23.7% (with the stated records estimate: 23.2%)."""
+    from pipelines.plan import ORIGINAL_REFERRING_SHARE, PUBLIC_RECORDS, print_mixture, sources, stage_mixture
+    from xsam.train.config import load_profile, profile_path
+
+    cfg = load_profile(profile_path("paper"), "s3")
+    srcs = sources(str(tmp_path), cfg.datasets)  # nothing converted there
+    print_mixture(srcs, stage_mixture(srcs, cfg.balance_t))
+    lines = capsys.readouterr().out.splitlines()
+    parsed = {m.group(1): m.groups()[1:] for m in map(MIX_LINE.match, lines) if m}
+    assert list(parsed) == cfg.datasets  # one line per source, in the profile's order
+    assert sum(float(share) for *_, share in parsed.values()) == pytest.approx(100, abs=0.1 * len(parsed))
+    for name, (samples, records, repeat, _) in parsed.items():
+        expected = PUBLIC_RECORDS.get(name, int(samples.replace(",", "")))
+        assert int(records.replace(",", "")) == expected and float(repeat) >= 1
+    (total,) = [ln for ln in lines if ln.startswith("    referring RefCOCO/+/g")]
+    refer = float(re.search(r": ([\d.]+)% of the draws", total).group(1))
+    assert refer == pytest.approx(sum(float(parsed[n][-1]) for n in PUBLIC_RECORDS), abs=0.15)
+    assert abs(refer - ORIGINAL_REFERRING_SHARE) <= 3.0, refer
+
+
+def test_mixture_records_come_from_the_manifests(shards, tmp_path):
+    """A converted split's records are its manifest's num_records; one converted before they were counted
+    falls back to its samples and says so; an unconverted one takes the public estimate."""
+    from pipelines.plan import PUBLIC_RECORDS, sources
+    from xsam.data.shards import read_manifest
+
+    out, _ = shards
+    got = sources(out, ["fixture_refcoco/train", "refcocog/train"])
+    m = read_manifest(f"{out}/fixture_refcoco/train/manifest.json")
+    assert got["fixture_refcoco/train"].records == m.num_records > m.num_samples
+    assert got["fixture_refcoco/train"].records_basis == "manifest"
+    assert got["refcocog/train"].records == PUBLIC_RECORDS["refcocog/train"]
+    old = tmp_path / "fixture_refcoco" / "train"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text(m.model_copy(update={"num_records": None}).model_dump_json())
+    before = sources(str(tmp_path), ["fixture_refcoco/train"])["fixture_refcoco/train"]
+    assert before.records == m.num_samples and "not in the manifest" in before.records_basis

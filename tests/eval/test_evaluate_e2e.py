@@ -1,51 +1,24 @@
 """pipelines/evaluate.py end to end: tiny checkpoints scored by Ray actors, logged to a real MLflow
 tracking server on 127.0.0.1 (started here), registered, and the alias set on the best version."""
 
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from helpers import free_port, convert_fixtures  # noqa: E402
-from model_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
+from helpers import convert_fixtures
+from model_fixtures import tiny_model, tiny_tokenizer
 
-from xsam.model.checkpoint import save_stage_checkpoint  # noqa: E402
-from xsam.model.stages import S3  # noqa: E402
+from xsam.model.checkpoint import save_stage_checkpoint
+from xsam.model.stages import S3
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = "fixture_refcoco/val,fixture_coco_semantic/val,fixture_coco_interactive/val"
 
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(f"{uri}/health", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not come up")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +37,7 @@ def setup(tmp_path_factory):
 
 def test_evaluate_logs_registers_and_selects(mlflow_server, setup):
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     tmp, shards, checkpoints = setup
     proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--checkpoints",
@@ -94,15 +68,12 @@ def test_evaluate_logs_registers_and_selects(mlflow_server, setup):
 
     versions = client.search_model_versions("name = 'xsam-test'")
     assert len(versions) == 2
-    mean = {}
-    for v in versions:
+    for v in versions:  # --max-samples 2 < every benchmark's size: a partial evaluation, tagged as such
+        assert v.tags["xsam.partial"] == "true"
         m = client.get_run(v.run_id).data.metrics
-        primaries = [m[f"{b}/{p}"] for b, p in zip(names, ("ciou", "miou", "miou")) if f"{b}/{p}" in m]
-        mean[v.version] = sum(primaries) / len(primaries)
-    best = max(mean, key=lambda k: (mean[k], int(k)))
-    champion = client.get_model_version_by_alias("xsam-test", "champion")
-    assert champion.version == best
-    decision = json.loads(client.get_registered_model("xsam-test").tags["champion.decision"])
-    assert decision["version"] == best and abs(decision["score"] - mean[best]) < 1e-6
-    assert set(decision["benchmarks"]) == set(names)
-    assert torch.isfinite(torch.tensor(list(mean.values()))).all()
+        assert all(m[f"{b}/{p}"] == m[f"{b}/{p}"] for b, p in zip(names, ("ciou", "miou", "miou")))
+        assert client.get_run(v.run_id).data.tags["xsam.truncated"] == ",".join(sorted(names))
+    # ... so it never moves the alias, and the run says so and prints what the registry holds
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("xsam-test", "champion")
+    assert "alias 'champion' not moved" in proc.stdout and "xsam-test@champion = version None" in proc.stdout

@@ -112,13 +112,32 @@ def test_sine_position_embedding_values():
     x = torch.zeros(1, 8, 2, 3)
     out = pe(x)
     assert out.shape == (1, 8, 2, 3)
-    # y half: channel 0 = sin(y_norm), channel 1 = cos(y_norm) with y_norm = (row + 0.5) / H * 2pi
+    # y half: channel 0 = sin(y_norm), channel 1 = cos(y_norm) with y_norm = (row + 1) / (H + eps) * 2pi
     eps = 1e-6
-    y = torch.tensor([(1 - 0.5) / (2 + eps), (2 - 0.5) / (2 + eps)]) * 2 * math.pi
+    y = torch.tensor([1 / (2 + eps), 2 / (2 + eps)]) * 2 * math.pi
     torch.testing.assert_close(out[0, 0, :, 0], y.sin())
     torch.testing.assert_close(out[0, 1, :, 0], y.cos())
     # x half, channel 4 + 2 = the second frequency: sin(x_norm / 10000^(2/4))
-    xs = torch.tensor([(c + 0.5) / (3 + eps) for c in range(3)]) * 2 * math.pi
+    xs = torch.tensor([(c + 1) / (3 + eps) for c in range(3)]) * 2 * math.pi
     torch.testing.assert_close(out[0, 6, 0, :], (xs / 100.0).sin())
     with pytest.raises(ValueError):
         PositionEmbeddingSine(3)
+
+
+@pytest.mark.parametrize("shape", [(1, 256, 8, 8), (2, 256, 5, 11), (1, 64, 13, 7), (1, 32, 1, 4)])
+def test_sine_position_embedding_equals_transformers_mask2former(shape):
+    """The published X-SAM weights were trained with transformers' Mask2FormerSinePositionEmbedding
+    (pixel decoder and transformer decoder): the same values, with and without a padding mask."""
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
+
+    b, c, h, w = shape
+    ours = PositionEmbeddingSine(c // 2, normalize=True)
+    theirs = Mask2FormerSinePositionEmbedding(num_position_features=c // 2, normalize=True)
+    x = torch.zeros(shape)
+    ref = theirs(x.shape, x.device, x.dtype)
+    assert (ours(x) - ref).abs().max().item() <= 1e-6
+    pad = torch.zeros(b, h, w, dtype=torch.bool)  # True = padding here; transformers' mask marks valid cells
+    pad[:, h - h // 3:, :] = True
+    pad[:, :, w - w // 4:] = True
+    ref = theirs(x.shape, x.device, x.dtype, mask=~pad)
+    assert (ours(x, pad) - ref).abs().max().item() <= 1e-6

@@ -8,12 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from model_fixtures import boxes_image, referring_example, tiny_model, tiny_tokenizer
 from PIL import Image
 
-from model_fixtures import boxes_image, referring_example, tiny_model, tiny_tokenizer
+from xsam.model import templates as T
 from xsam.model.batching import collate
 from xsam.model.checkpoint import save_stage_checkpoint
-from xsam.model.predict import PredictTask, overlay, predict
+from xsam.model.predict import PredictTask, overlay, phrase_question, predict
 from xsam.model.stages import S3
 from xsam.model.templates import referring_question, seg_answer, with_image
 from xsam.model.xsam import DecodeMode
@@ -56,11 +57,22 @@ def test_every_task_returns_masks_at_the_original_size(trained):
     image, masks = boxes_image(7, h=37, w=53)
     for task, kwargs in [("panoptic", {"prompt": "red box,blue box"}), ("semantic", {"prompt": "red box,blue box"}),
                          ("instance", {"prompt": "red box,blue box"}), ("gres", {"prompt": "the box"}),
+                         ("reasoning", {"prompt": "What holds things?"}),
                          ("interactive", {"prompt_masks": masks[:1]}), ("vgd", {"prompt_masks": masks}),
                          ("gcg", {"max_new_tokens": 8})]:
         pred = predict(model, tok, image, task, **kwargs)
         assert pred.masks.ndim == 3 and pred.masks.shape[1:] == (37, 53), task
         assert len(pred.labels) == len(pred.scores) == len(pred.masks), task
+
+
+def test_reasoning_is_asked_with_the_reasoning_template():
+    """ReasonSeg predictions ask what training asked (index 0 of the reasoning lists), not the referring one."""
+    q = "What can hold water?"
+    assert phrase_question("reasoning", q) == T.REASONING_QUESTIONS[0].format(query=q)
+    assert phrase_question("reasoning", "the cup", is_sentence=False) == T.REASONING_SHORT_QUESTIONS[0].format(
+        query="the cup")
+    assert phrase_question("referring", "The Cup") == T.REFERRING_QUESTIONS[0].format(phrase="the cup")
+    assert phrase_question("gres", "the cup") == phrase_question("referring", "the cup")
 
 
 def test_predict_command_line(trained, tmp_path):
@@ -75,3 +87,15 @@ def test_predict_command_line(trained, tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["labels"] == ["the box"] and abs(result["areas"][0] - int(ex.masks[0].sum())) < 0.3 * ex.masks[0].sum()
     assert Image.open(tmp_path / "o.png").size == (ex.image.shape[1], ex.image.shape[0])
+
+
+def test_an_s1_export_is_refused_with_a_clear_error(tmp_path):
+    """An S1 export has no trained LLM: predict / evaluate refuse it instead of running random weights."""
+    from xsam.model.predict import load_for_inference
+    from xsam.model.stages import S1
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    cfg, model = tiny_model(None, "s1", seed=0)
+    save_stage_checkpoint(model, S1, cfg, tmp_path / "s1", tokenizer=tok)
+    with pytest.raises(ValueError, match=r"a stage s1 export; predict and evaluate need a stage s3 export"):
+        load_for_inference(tmp_path / "s1")

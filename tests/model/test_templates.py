@@ -29,14 +29,29 @@ def test_clean_category_name_coco_panoptic(raw, clean):
 
 
 def test_template_counts_and_placeholders():
+    """The original's lists (AAAI26_Archive map_fns): sizes, placeholders, spot checks word for word."""
     assert len(T.GENERIC_QUESTIONS) == 6 and len(T.REFERRING_QUESTIONS) == 10 and len(T.GCG_QUESTIONS) == 6
+    assert len(T.VGD_QUESTIONS) == 6 and len(T.REASONING_QUESTIONS) == len(T.REASONING_SHORT_QUESTIONS) == 5
+    assert len(T.REASONING_EXPLAIN_QUESTIONS) == len(T.REASONING_EXPLAIN_ANSWERS) == 5
     assert T.SEG_ANSWERS == ("<SEG>.", "It is <SEG>.", "Sure, <SEG>.", "Sure, it is <SEG>.",
                              "Sure, the segmentation result is <SEG>.")
+    assert T.REFERRING_ANSWERS[-1] == "Sure, the segmentation mask is <SEG>."
+    assert T.GCG_ANSWER_SUFFIXES == ("<SEG>.", "And <SEG>.", "The segmentation mask is <SEG>.",
+                                     "And the segmentation mask is <SEG>.")
+    assert T.GENERIC_QUESTIONS[0] == ("Can you segment the image based on the following categories: {categories}? "
+                                      "Please output the segmentation masks.")
+    assert T.REFERRING_QUESTIONS[0] == "Please identify and segment the <p>{phrase}</p> in this image."
+    assert T.GCG_QUESTIONS[1].startswith("Can you provide a brief description of the this image?")  # sic
+    assert T.REFERRING_QUESTIONS[6] == T.REFERRING_QUESTIONS[9]  # the original lists it twice (2/10 weight)
     assert all(q.count("{categories}") == 1 for q in T.GENERIC_QUESTIONS)
+    assert all(q.count("{regions}") == 1 for q in T.VGD_QUESTIONS)
     assert all(q.count("<p>{phrase}</p>") == 1 for q in T.REFERRING_QUESTIONS)
-    assert all(a.count("<SEG>") == 1 for a in T.SEG_ANSWERS + T.GCG_ANSWER_SUFFIXES)
+    assert all(q.count("<p>{query}</p>") == 1 for q in T.REASONING_QUESTIONS + T.REASONING_SHORT_QUESTIONS
+               + T.REASONING_EXPLAIN_QUESTIONS)
+    answers = T.SEG_ANSWERS + T.REFERRING_ANSWERS + T.REASONING_EXPLAIN_ANSWERS + T.GCG_ANSWER_SUFFIXES
+    assert all(a.count("<SEG>") == 1 for a in answers)
     assert all("<SEG>" not in q and "<image>" not in q for q in T.GCG_QUESTIONS + T.GENERIC_QUESTIONS)
-    assert len(set(T.GENERIC_QUESTIONS)) == 6 and len(set(T.REFERRING_QUESTIONS)) == 10
+    assert len(set(T.GENERIC_QUESTIONS)) == 6 and len(set(T.VGD_QUESTIONS)) == 6
 
 
 def test_generic_question_lists_clean_names_in_order():
@@ -56,15 +71,17 @@ def test_generic_question_lists_clean_names_in_order():
 
 
 def test_referring_and_reasoning():
-    for i in range(len(T.REFERRING_QUESTIONS)):
-        assert re.findall(r"<p>(.*?)</p>", T.referring_question(" the man on the left ", i)) == ["the man on the left"]
+    for i in range(len(T.REFERRING_QUESTIONS)):  # referring phrases are lowercased, as the original
+        assert re.findall(r"<p>(.*?)</p>", T.referring_question(" The Man on the left ", i)) == ["the man on the left"]
     sentence = T.reasoning_question("What can hold water?", 0)
     assert sentence == "<p>What can hold water?</p> Please output the corresponding segmentation mask."
-    assert T.reasoning_question("the cup", 3, is_sentence=False) == T.referring_question("the cup", 3)
+    assert T.reasoning_question("the Cup", 3, is_sentence=False) == (
+        "What is <p>the Cup</p> in this image? Please output the corresponding segmentation mask.")
     explain = T.reasoning_question("What can hold water?", 0, explain=True)
     assert explain.startswith("<p>What can hold water?</p> Please explain why")
-    assert T.reasoning_answer(0, "The cup is hollow.") == "The cup is hollow. And it is <SEG>."
-    assert T.reasoning_answer(1) == "It is <SEG>."
+    assert T.reasoning_answer(3, "The cup is hollow.") == "The cup is hollow. And it is <SEG>."
+    assert T.reasoning_answer(0, "The cup is hollow.") == "The cup is hollow. <SEG>."
+    assert T.reasoning_answer(4) == "Sure, the segmentation mask is <SEG>."
 
 
 def test_image_and_region_prompts():

@@ -139,7 +139,8 @@ def test_parse_gcg():
     # free generation: unclosed / stray tags give no span, no <SEG> keeps the whole text
     caption, spans = parse_gcg("A <p>cat</p> and </p>a <p>dog")
     assert caption == "A cat and a dog" and spans == [(2, 5)]
-    assert parse_gcg("And the segmentation masks are <SEG>.") == ("", [])
+    assert parse_gcg("And the segmentation mask is <SEG>.") == ("", [])
+    assert parse_gcg("The segmentation mask is <SEG>.") == ("", [])
 
 
 def test_encode_prompt_is_the_prefix_encode_chat_uses(tmp_path):

@@ -6,6 +6,7 @@ hand-made Sample where a case needs more objects / overlaps than the fixtures ha
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections import Counter
 
@@ -15,8 +16,8 @@ import torch
 from helpers import convert_fixtures, mask_of
 from PIL import Image
 
+from xsam.data import expansion, storage
 from xsam.data import masks as mask_codec
-from xsam.data import storage
 from xsam.data.schema import (
     RLE,
     GroundedCaption,
@@ -195,26 +196,37 @@ def test_generic_masks_labels_names(shards):
             assert 0 <= len(names) - listed <= 128 - listed
 
 
-def test_generic_negatives_count_and_variation(shards):
+def test_generic_category_list_rule(shards):
+    """T2: p=1/2 every category, else positives + randint(0, num_class - P) negatives; drawn once per record
+    (same list on every read of a sample), the template per read; ~99% of prompts list every class."""
     data, ls = shards
     sample, img = data["fixture_coco_panoptic"][0]
-    # a 300-category label space around the fixture's: the negative count is bounded by 128 - #pos
     big = list(ls[sample.label_space]) + [{"id": 10_000 + i, "name": f"thing-{i}-other", "isthing": 1}
                                          for i in range(300)]
-    fmt = Formatter("s3", {sample.label_space: big})
-    npos = len({s.category_id for s in sample.segments if not s.iscrowd})
-    counts, templates, orders = [], set(), set()
-    for seed in range(50):
-        (out,) = fmt(sample, img, rng(seed))
-        question = out.example.turns[0][0]
-        names = names_in(question)
+    n_cats = len(big)
+    pos = {s.category_id for s in sample.segments}  # panoptic: crowd-only categories are listed too
+    full, orders, templates = 0, set(), set()
+    trials = 400
+    for seed in range(trials):
+        fmt = Formatter("s3", {sample.label_space: big}, seed=seed)
+        reads = [fmt(sample, img, rng(r))[0].example.turns[0][0] for r in range(3)]
+        lists = {tuple(names_in(q)) for q in reads}
+        assert len(lists) == 1  # drawn once per record: every read (epoch) lists the same categories
+        names = lists.pop()
         assert all("-" not in n and "other" not in n for n in names)  # cleaned
-        counts.append(len(names) - npos)
-        templates.add(P_RE.sub("", question).split(":")[0][:30])
-        orders.add(tuple(names))
-    assert all(0 <= c <= 128 - npos for c in counts)
-    assert len(set(counts)) > 20 and max(counts) > 64
-    assert len(templates) > 1 and len(orders) == 50
+        assert len(names) == len(set(names)) and len(names) >= len(pos)
+        full += len(names) == n_cats
+        orders.add(names)
+        templates.update(P_RE.sub("", q).split(":")[0][:30] for q in reads)
+    # P(all) = 1/2 + 1/2 * P(randint(0, 10000 - P) >= n_cats - P)
+    p_all = 0.5 + 0.5 * (10_000 - n_cats + 1) / (10_000 - len(pos) + 1)
+    assert abs(full / trials - p_all) < 0.03 and full / trials > 0.95
+    assert len(orders) == trials and len(templates) > 1
+    # the negative branch alone (a small num_class shows its randint): counts vary, bounded by num_class
+    counts = {len(names_in(Formatter("s3", {sample.label_space: big}, num_class=40, full_list_prob=0.0,
+                                     seed=seed)(sample, img, rng(0))[0].example.turns[0][0]))
+              for seed in range(60)}
+    assert min(counts) >= len(pos) and max(counts) <= 40 and len(counts) > 10
 
 
 def test_generic_category_targets_option(shards):
@@ -243,83 +255,95 @@ def test_determinism_and_variation(shards):
 
 
 # --------------------------------------------------------------------------- referring
-def test_referring_masks_and_sentences(shards):
+def test_referring_records_as_the_original(shards):
+    """T1: one record = every object of the image, one sentence each (record k = the k-th combination of
+    itertools.product over the deduplicated lowercased sentences), no chunking, one read draws one record."""
     data, ls = shards
     fmt = Formatter("s3", ls)
-    chosen: Counter = Counter()
     for name in ("fixture_refcoco", "fixture_grefcoco"):
         for sample, img in data[name]:
-            objects = [r for r in sample.referring if r.segment_ids]
-            for seed in range(10):
-                outs = fmt(sample, img, rng(seed))
-                assert sum(len(o.example.turns) for o in outs) == len(objects)
-                for out in outs:
-                    ex = out.example
-                    assert out.mode is DecodeMode.per_phrase and len(ex.masks) == len(ex.turns) <= 8
-                    assert ex.labels == list(range(len(ex.turns)))
-                    for k, (q, a) in enumerate(ex.turns):
-                        assert q.startswith("<image>\n") == (k == 0) and a in T.SEG_ANSWERS
-                        (sentence,) = names_in(q)
-                        owners = [r for r in objects if sentence in r.sentences]
-                        assert any(np.array_equal(ex.masks[k], union(sample, r.segment_ids)) for r in owners)
-                        chosen[sentence] += 1
-    multi = [s for name in ("fixture_refcoco",) for smp, _ in data[name] for r in smp.referring
-             if len(r.sentences) > 1 for s in r.sentences]
-    assert sum(1 for s in multi if chosen[s]) > len(multi) // 2  # more than one sentence per object gets used
+            objects = expansion.referring_objects(sample)
+            combos = list(itertools.islice(itertools.product(*[s for s, _ in objects]),
+                                           sum(len(s) for s, _ in objects)))
+            assert expansion.num_records(sample) == len(combos)
+            seen = set()
+            for seed in range(40):
+                (out,) = fmt(sample, img, rng(seed))
+                ex = out.example
+                assert out.mode is DecodeMode.per_phrase and len(ex.masks) == len(ex.turns) == len(objects)
+                assert ex.labels == list(range(len(objects)))
+                by_sentence = {}
+                for k, (q, a) in enumerate(ex.turns):
+                    assert q.startswith("<image>\n") == (k == 0) and a in T.REFERRING_ANSWERS
+                    (sentence,) = names_in(q)
+                    assert sentence == sentence.lower()
+                    owner = [j for j, (sents, _) in enumerate(objects) if sentence in sents]
+                    assert any(np.array_equal(ex.masks[k], union(sample, objects[j][1])) for j in owner)
+                    by_sentence[owner[0]] = sentence
+                record = tuple(by_sentence[j] for j in range(len(objects)))
+                assert record in combos  # one of the image's records
+                seen.add(record)
+            assert len(seen) > min(1, len(combos) - 1)
 
 
-def test_referring_chunks_of_at_most_eight():
+def test_referring_expansion_counts_and_order():
     h, w, n = 40, 60, 19
     segs = [box_segment(i + 1, h, w, i, i + 10, 2 * i, 2 * i + 5, category_id=1) for i in range(n)]
-    refs = [ReferringExpression(ref_id=str(i), sentences=[f"object number {i}", f"thing {i}"], segment_ids=[i + 1])
-            for i in range(n)]
+    refs = [ReferringExpression(ref_id=str(i), sentences=[f"Object number {i}", f"thing {i}", f"object NUMBER {i}"],
+                                segment_ids=[i + 1]) for i in range(n)]
     refs.append(ReferringExpression(ref_id="empty", sentences=["nothing"], segment_ids=[]))  # no target: dropped
     s = hand_sample(Task.referring_seg, h, w, segs, referring=refs)
+    # 2 distinct sentences per object after lowercasing: min(2**19, 2 * 19) records
+    assert expansion.num_records(s) == 38
+    assert [expansion.combination([2] * 3, k) for k in range(4)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
+    assert expansion.count([1, 1, 1]) == 1 and expansion.count([3]) == 3 and expansion.count([]) == 0
     img = encode_image(np.zeros((h, w, 3), np.uint8))
-    fmt = Formatter("s3", {})
-    outs = fmt(s, img, rng(0))
-    assert [len(o.example.turns) for o in outs] == [8, 8, 3]
-    seen = []
-    for out in outs:
+    fmt = Formatter("s3", {}, seed=7)
+    orders = {}
+    for seed in range(30):
+        (out,) = fmt(s, img, rng(seed))
+        assert len(out.example.turns) == n  # all objects in one record, no chunking
         assert out.example.turns[0][0].startswith("<image>\n")
         assert all("<image>" not in q for q, _ in out.example.turns[1:])
-        for k, (q, _) in enumerate(out.example.turns):
-            (sentence,) = names_in(q)
-            i = int(sentence.split()[-1])
-            seen.append(i)
+        idx = [int(names_in(q)[0].split()[-1]) for q, _ in out.example.turns]
+        for k, i in enumerate(idx):
             assert np.array_equal(out.example.masks[k], mask_of(segs[i].mask))
-    assert sorted(seen) == list(range(n)) and seen != sorted(seen)  # every object once, shuffled
-    assert len({tuple(tuple(o.example.turns) for o in fmt(s, img, rng(seed))) for seed in range(5)}) == 5
+        assert sorted(idx) == list(range(n)) and idx != sorted(idx)  # every object once, shuffled
+        sentences = tuple(sorted(names_in(q)[0] for q, _ in out.example.turns))
+        orders.setdefault(sentences, set()).add(tuple(idx))
+    assert len(orders) > 5  # different records are read
+    assert all(len(o) == 1 for o in orders.values())  # a record's object order is drawn once (load time)
 
 
 # --------------------------------------------------------------------------- reasoning
-def test_reasoning_mask_query_and_explain_branch(shards):
+def test_reasoning_all_queries_as_turns_and_explain_per_turn(shards):
+    """T6: one record per image, every query a turn (stored order) targeting the union mask; per turn the
+    explanation branch at p=0.5 when an explanation exists; sentence queries LONG, phrase queries SHORT."""
     data, ls = shards
     fmt = Formatter("s3", ls)
     for sample, img in data["fixture_reason_seg"]:
         (rq,) = sample.reasoning
-        explained = 0
-        queries = set()
+        queries = [q.strip() for q in rq.queries if q.strip()]
+        explained = turns = 0
         for seed in range(50):
             (out,) = fmt(sample, img, rng(seed))
             ex = out.example
-            assert out.mode is DecodeMode.per_phrase and ex.labels == [0]
-            assert np.array_equal(ex.masks[0], union(sample, rq.segment_ids))
-            (q, a), = ex.turns
-            (query,) = names_in(q)
-            assert query in rq.queries
-            queries.add(query)
-            if a.endswith("And it is <SEG>."):
-                explained += 1
-                assert a == T.reasoning_answer(0, rq.explanation) and "explain why" in q
-            else:
-                assert a in T.SEG_ANSWERS
-                assert q.removeprefix("<image>\n") in {
-                    T.reasoning_question(query, i, rq.is_sentence)
-                    for i in range(len(T.REASONING_QUESTIONS if rq.is_sentence else T.REFERRING_QUESTIONS))}
-        assert len(queries) == len(set(rq.queries))
+            assert out.mode is DecodeMode.per_phrase and ex.labels == list(range(len(queries)))
+            assert [names_in(q)[0] for q, _ in ex.turns] == queries
+            for k, (q, a) in enumerate(ex.turns):
+                assert np.array_equal(ex.masks[k], union(sample, rq.segment_ids))
+                q = q.removeprefix("<image>\n")
+                turns += 1
+                if q in {T.reasoning_question(queries[k], i, explain=True)
+                         for i in range(len(T.REASONING_EXPLAIN_QUESTIONS))}:
+                    explained += 1
+                    assert a in {T.reasoning_answer(i, rq.explanation) for i in range(5)}
+                else:
+                    assert a in T.REFERRING_ANSWERS
+                    qs = T.REASONING_QUESTIONS if rq.is_sentence else T.REASONING_SHORT_QUESTIONS
+                    assert q in {T.reasoning_question(queries[k], i, rq.is_sentence) for i in range(len(qs))}
         if rq.explanation:
-            assert 10 < explained < 40
+            assert 0.35 < explained / turns < 0.65
         else:
             assert explained == 0
     # the ignore region is background in the target (and the fixture does overlap a target)
@@ -377,6 +401,9 @@ def prompt_type_of(sample: Sample, region: np.ndarray) -> list[tuple[int, str]]:
 
 
 def test_vgd_regions_targets_and_prompt_types(shards):
+    """Alone (a batch of one, format_regions step 3) every positive region takes an own-image prompt;
+    negative regions (categories absent from the image: tests/train/test_vgd_prompts.py) have no prompt
+    (NO_PROMPT, an all-False mask) and no target."""
     data, ls = shards
     fmt = Formatter("s3", ls)
     types_seen: Counter = Counter()
@@ -394,21 +421,26 @@ def test_vgd_regions_targets_and_prompt_types(shards):
             ex = out.example
             assert out.mode is DecodeMode.per_sample
             (q, a), = ex.turns
-            assert q.count("<region>") == len(ex.region_masks) == len(cats) and a in T.SEG_ANSWERS
-            region_cats = []
-            for r, region in enumerate(ex.region_masks):
+            region_cats = [c for _, c in out.vgd.categories]
+            assert q.count("<region>") == len(ex.region_masks) == len(region_cats) and a in T.SEG_ANSWERS
+            assert cats <= set(region_cats) and len(region_cats) - len(cats) <= 5
+            sources = ex.region_sources or [None] * len(region_cats)
+            for r, (region, cat) in enumerate(zip(ex.region_masks, region_cats)):
+                got = [ex.masks[k] for k in range(len(ex.masks)) if ex.labels[k] == r]
+                if cat not in cats:  # a negative: no prompt alone, no target
+                    assert sources[r] == -1 and not region.any() and got == []
+                    continue
+                assert sources[r] is None
                 owners = prompt_type_of(sample, region)
                 assert owners, "the region mask is a stored prompt mask"
                 sid, ptype = owners[0]
+                assert segs[sid].category_id == cat
                 types_seen[ptype] += 1
                 per_instance.setdefault((sample.provenance.source_id, sid), set()).add(ptype)
-                region_cats.append(segs[sid].category_id)
-                expected = [s for s in sample.segments if not s.iscrowd and s.category_id == segs[sid].category_id]
-                got = [ex.masks[k] for k in range(len(ex.masks)) if ex.labels[k] == r]
+                expected = [s for s in sample.segments if not s.iscrowd and s.category_id == cat]
                 assert len(got) == len(expected)  # every instance of the region's category, each its own mask
                 for m, s in zip(got, expected):
                     assert np.array_equal(m, mask_of(s.mask))
-            assert sorted(region_cats) == sorted(cats)
     assert set(types_seen) == {"point", "scribble", "box", "mask"}
     assert any(len(v) > 1 for v in per_instance.values())  # the type varies per read for one instance
 
@@ -418,8 +450,10 @@ def test_vgd_prompt_type_restriction(shards):
     fmt = Formatter("s3", ls, prompt_types=("box",))
     for sample, img in data["fixture_coco_vgd"]:
         for out in fmt(sample, img, rng(0)):
-            for region in out.example.region_masks:
-                assert {t for _, t in prompt_type_of(sample, region)} == {"box"}
+            sources = out.example.region_sources or [None] * len(out.example.region_masks)
+            for region, source in zip(out.example.region_masks, sources):
+                if source != -1:  # -1: a negative region, no prompt alone
+                    assert {t for _, t in prompt_type_of(sample, region)} == {"box"}
 
 
 def test_interactive_one_region_per_annotation(shards):
@@ -549,7 +583,7 @@ def test_every_task_collates(shards, tmp_path):
     data, ls = shards
     tok = build_tiny_tokenizer(tmp_path / "tok")
     cfg = tiny()
-    fmt = Formatter("s3", ls, max_negatives=8)
+    fmt = Formatter("s3", ls, num_class=8, full_list_prob=0.0)
     for items in data.values():
         outs = [f for i, (s, img) in enumerate(items) for f in fmt(s, img, rng(i))]
         by_mode: dict = {}
@@ -638,9 +672,9 @@ def test_generic_crowd_only_categories_as_the_reference(task):
     segs = [box_segment(1, h, w, 0, 4, 0, 4, category_id=1),
             box_segment(2, h, w, 4, 8, 4, 8, category_id=2).model_copy(update={"iscrowd": 1})]
     s = hand_sample(task, h, w, segs, label_space="six")
-    fmt = Formatter("s3", {"six": cats})
     listed = 0
-    for seed in range(200):
+    for seed in range(200):  # a small num_class and no full list: the negative draw shows
+        fmt = Formatter("s3", {"six": cats}, num_class=2, full_list_prob=0.0, seed=seed)
         (out,) = fmt(s, encode_image(np.zeros((h, w, 3), np.uint8)), rng(seed))
         names = names_in(out.example.turns[0][0])
         assert "person" in names and out.example.masks.shape[0] == 1 and names[out.example.labels[0]] == "person"

@@ -217,3 +217,35 @@ def test_pickle_and_concurrent_reads(converted):
 def test_missing_split_names_the_manifest(converted):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ShardIndex.build(converted, [("fixture_refcoco", "nope")])
+
+
+def test_records_after_expansion_reach_the_schedule(converted):
+    """T1: the converter counts each sample's training records into the manifest (referring: min(prod, sum)
+    of the objects' sentence counts), the index hands records / samples to the Schedule as `repeats`, so
+    r_d = max(1, sqrt(t / f_d)) sees the expanded f_d; an old manifest without the count is counted by reading."""
+    from xsam.data import expansion
+    from xsam.data.shards import read_manifest, split_dir
+    from xsam.train.sampling import Schedule
+
+    index = ShardIndex.build(converted, SPLITS)
+    by_reading: dict[str, int] = {}
+    for d, refs in index.refs.items():
+        by_reading[d] = sum(expansion.num_records(index.read(r)[0]) for r in refs)
+    assert index.records() == by_reading
+    counts = index.counts()
+    assert by_reading["fixture_refcoco"] > counts["fixture_refcoco"]  # referring images expand
+    assert all(by_reading[d] == counts[d] for d in counts if d != "fixture_refcoco")
+    manifest = read_manifest(storage.join(split_dir(converted, "fixture_refcoco", "train"), "manifest.json"))
+    assert manifest.num_records == by_reading["fixture_refcoco"]
+    assert sum(s.num_records for s in manifest.shards) == manifest.num_records
+
+    sched = Schedule(counts, t=0.5, repeats=index.expansions())
+    total = sum(by_reading.values())
+    for d, n in by_reading.items():
+        assert sched.repeat_factors()[d] == pytest.approx(max(1.0, (0.5 / (n / total)) ** 0.5))
+        assert sched.expected_draws()[d] == pytest.approx(sched.repeat_factors()[d] * n)
+
+    # a manifest written before records were counted: the index counts them by reading the samples
+    old = ShardIndex(index.root, index.refs,
+                     {k: m.model_copy(update={"num_records": None}) for k, m in index.manifests.items()})
+    assert old.records() == by_reading

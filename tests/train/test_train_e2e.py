@@ -93,6 +93,12 @@ def test_three_stages_chain_and_learn_in_bf16(env, zero):
     assert {"loss.total", "loss.lm", "lr", "samples_per_s", "tokens_per_s"} <= metrics
     seen = {k for k in metrics if k.startswith("seen.")}
     assert len(seen) >= 2  # per-source sample counts; batches come from one source at a time
+    # the balanced mixture per source (xsam.train.mixture): records after expansion, repeat, share of draws
+    names = {d.split("/", 1)[0] for d in S3_MIX}
+    assert {k.split(".")[1] for k in r.data.params if k.startswith("mix.")} == names
+    assert sum(float(r.data.params[f"mix.{d}.share"]) for d in names) == pytest.approx(100, abs=0.05)
+    assert int(r.data.params["mix.fixture_refcoco.records"]) > int(r.data.params["mix.fixture_refcoco.samples"])
+    assert all(float(r.data.params[f"mix.{d}.repeat"]) >= 1 for d in names)
 
 
 def _predict_in_bf16(export):

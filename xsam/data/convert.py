@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from xsam.data import storage
+from xsam.data import expansion, storage
 from xsam.data.errors import QuarantineRecord, SampleError, SourceError
 from xsam.data.readers import READERS
 from xsam.data.readers.base import ConvertSettings, Plan, Reader, WorkItem
@@ -103,6 +103,7 @@ def write_shard(spec: ShardSpec) -> ShardResult:
         reader = spec.reader
         quarantined: list[QuarantineRecord] = []
         writer = ShardWriter(spec.location)
+        records = 0
         try:
             for item in spec.items:
                 try:
@@ -120,7 +121,9 @@ def write_shard(spec: ShardSpec) -> ShardResult:
                     quarantined.append(reader.quarantine(item.source_id, err, item.source_file))
                     continue
                 writer.add(item.key, sample.image.format, image, record)
+                records += expansion.num_records(sample)
             info = writer.commit()
+            info.num_records = records
         except BaseException:
             writer.abort()
             raise
@@ -145,7 +148,7 @@ def _fingerprint(entry: RegistryEntry, split: str, reader: Reader, plan: Plan, s
     h = hashlib.sha256()
     h.update(json.dumps({"schema": SCHEMA_VERSION, "format": entry.format, "reader_version": reader.version,
                          "entry": entry.digest(split), "settings": settings.__dict__, "max_samples": max_samples,
-                         "max_bytes": max_bytes, "categories": plan.categories, "excluded": plan.excluded},
+                         "max_bytes": max_bytes, "expansion": expansion.EXPANSION_VERSION, "categories": plan.categories, "excluded": plan.excluded},
                         sort_keys=True, default=str).encode())
     for item in plan.items:
         h.update(json.dumps([item.key, item.files, item.stats, item.payload], sort_keys=True, default=str).encode())
@@ -241,7 +244,9 @@ def finalize_split(job: SplitJob, results: list[ShardResult]) -> SplitOutcome:
                         reader_version=READERS[job.entry.format].version, role=spec.role,
                         label_space=job.entry.label_space, categories=job.plan.categories,
                         source_fingerprint=job.fingerprint, num_read=num_read, num_samples=num_samples,
-                        num_quarantined=len(quarantined), excluded=job.plan.excluded, shards=shards)
+                        num_quarantined=len(quarantined), excluded=job.plan.excluded, shards=shards,
+                        num_records=None if any(s.num_records is None for s in shards)
+                        else sum(s.num_records for s in shards))
     keep = {s.name for s in shards} | {s.name.removesuffix(".tar") + ".json" for s in shards}
     for loc in storage.list_files(job.directory, recursive=True):
         base = loc.rsplit("/", 1)[-1]

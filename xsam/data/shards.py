@@ -30,6 +30,7 @@ class ShardInfo(BaseModel):
     num_samples: int
     bytes: int
     sha256: str
+    num_records: int | None = None  # training records after the recipe's expansion (xsam.data.expansion)
 
 
 class Manifest(BaseModel):
@@ -46,6 +47,9 @@ class Manifest(BaseModel):
     num_read: int  # records found in the source (= num_samples + num_quarantined)
     num_samples: int
     num_quarantined: int
+    # training records after the recipe's per-sample expansion (xsam.data.expansion; referring: one per
+    # sentence combination); None in a manifest written before it was counted
+    num_records: int | None = None
     excluded: dict[str, int]  # records the format's rules drop before reading (e.g. text-only chat)
     shards: list[ShardInfo]
 

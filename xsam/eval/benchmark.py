@@ -89,22 +89,25 @@ class Benchmark:
         return {"ref": ReferringAccumulator()}
 
     def result(self, acc: dict[str, Any]) -> dict[str, float]:
-        """Flat metrics with plain names ("pq", "miou", "ap50", "point/ap", ...), in percent."""
+        """Flat metrics, in percent, named by ONE rule: lowercase, groups joined by "/" ("pq", "things/pq",
+        "miou", "ap50", "point/ap", ...); the primary metric (`primary`) is always one of the keys."""
         if self.task is Task.vgd:
             out = {}
             for t, a in acc.items():
                 if len(a):
                     out.update({f"{t}/{k}": v for k, v in a.result().items()})
-            aps = [v for k, v in out.items() if k.endswith("/ap")]
+            aps = [v for k, v in out.items() if k.lower().endswith("/ap")]
             out["ap"] = float(np.nanmean(aps)) if aps else float("nan")
-            return out
-        (a,) = acc.values()
-        if self.task is Task.generic_seg:
-            r = a.result()
-            return {f"{prefix}{m}": 100.0 * r[group][m] for group, prefix in (("All", ""), ("Things", "things/"),
-                                                                             ("Stuff", "stuff/"))
-                    for m in ("pq", "sq", "rq") if r[group]["n"]}
-        return {k.lower(): v for k, v in a.result().items() if isinstance(v, (int, float))}
+        elif self.task is Task.generic_seg:
+            r = next(iter(acc.values())).result()
+            out = {f"{prefix}{m}": 100.0 * r[group][m] for group, prefix in (("All", ""), ("Things", "things/"),
+                                                                            ("Stuff", "stuff/"))
+                   for m in ("pq", "sq", "rq") if r[group]["n"]}
+        else:
+            out = {k: v for k, v in next(iter(acc.values())).result().items() if isinstance(v, (int, float))}
+        out = {k.lower(): float(v) for k, v in out.items()}
+        out.setdefault(self.primary, float("nan"))  # nothing scored: the primary is there, NaN
+        return out
 
     # ---------------------------------------------------------------- one sample
     def evaluate(self, model, tokenizer, sample: Sample, image_bytes: bytes, acc: dict[str, Any]) -> bytes | None:
@@ -164,10 +167,13 @@ def _generic(b: Benchmark, model, tok, sample: Sample, image, acc) -> Prediction
 def _referring(b: Benchmark, model, tok, sample: Sample, image, acc) -> Prediction | None:
     rng = _rng(b.seed, sample.provenance.source_id)
     last = None
-    queries = [(r.sentences[int(rng.integers(len(r.sentences)))], r.segment_ids) for r in sample.referring]
-    queries += [(q.queries[int(rng.integers(len(q.queries)))], q.segment_ids) for q in sample.reasoning]
-    for text, ids in queries:
-        last = predict(model, tok, image, "gres" if b.task is Task.gres else "referring", text)
+    task = "gres" if b.task is Task.gres else "referring"
+    queries = [(r.sentences[int(rng.integers(len(r.sentences)))], r.segment_ids, task, True) for r in sample.referring]
+    # ReasonSeg is evaluated with the reasoning template it was trained with (sentence or phrase questions)
+    queries += [(q.queries[int(rng.integers(len(q.queries)))], q.segment_ids, "reasoning", q.is_sentence)
+                for q in sample.reasoning]
+    for text, ids, kind, is_sentence in queries:
+        last = predict(model, tok, image, kind, text, is_sentence=is_sentence)
         acc["ref"].add(last.masks[0], _union(sample, ids))
     return last
 

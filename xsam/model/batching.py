@@ -19,6 +19,8 @@ from xsam.model.preprocess import image_tensor
 from xsam.model.tokenizer import encode_chat
 from xsam.model.xsam import DecodeMode, XSAMBatch
 
+NO_PROMPT = -1  # a region source meaning "no prompt": the model feeds a zero region token
+
 
 @dataclass
 class Example:
@@ -28,7 +30,14 @@ class Example:
     turns: [(user, assistant)], the first user text holding "<image>" once (and "<region>" per prompt).
     masks: [N, H, W] bool targets; labels: [N] the condition (<p> span) index of each mask, in
       span order of this example (per_sample) - for per_phrase batches masks[j] is phrase j's target.
-    region_masks: [R, H, W] bool visual prompts, one per "<region>" in order.
+    region_masks: [R, Hc, Wc] bool visual prompts, one per "<region>" in order. Without region_sources
+      (or where region r's source is this image): the image's own frame. A prompt taken from image s of
+      the batch stays in s's frame: it is the top-left [H_s, W_s] window of the canvas, the rest False
+      (Hc, Wc >= every source's and this image's size; all own: Hc, Wc = H, W).
+    region_sources: [R] or None (every prompt from this image). Per region: None = this image; j >= 0 =
+      image j OF THE BATCH being collated (a batch-level step sets it, e.g.
+      `xsam.train.format_regions.assign_region_sources`, for exactly that list of examples); NO_PROMPT =
+      no prompt: the region token is a zero vector (X-SAM's fallback when no image offers one).
     """
 
     image: np.ndarray
@@ -36,6 +45,7 @@ class Example:
     masks: np.ndarray | None = None
     labels: list[int] | None = None
     region_masks: np.ndarray | None = None
+    region_sources: list[int | None] | None = None
 
 
 def text_budget(cfg: XSAMConfig) -> int:
@@ -56,9 +66,37 @@ def bool_tensor(masks: np.ndarray, where: str) -> torch.Tensor:
     return torch.from_numpy(masks)
 
 
+def region_sources(examples: list[Example], b: int) -> torch.Tensor | None:
+    """Example b's region sources -> [R_b] long, image indices within `examples` (own image: b;
+    NO_PROMPT stays -1), or None when it has none; checks the indices and that the region canvas
+    covers every source's frame (`Example.region_masks`)."""
+    ex = examples[b]
+    size = ex.image.shape[:2]
+    if ex.region_sources is None:
+        if ex.region_masks is not None and ex.region_masks.shape[1:] != size:
+            raise ValueError(f"example {b}: region_masks {ex.region_masks.shape[1:]} do not match "
+                             f"the image {size}")
+        return None
+    if ex.region_masks is None or len(ex.region_sources) != len(ex.region_masks):
+        raise ValueError(f"example {b}: {len(ex.region_sources)} region sources for "
+                         f"{0 if ex.region_masks is None else len(ex.region_masks)} region masks")
+    out = [b if s is None else int(s) for s in ex.region_sources]
+    canvas = ex.region_masks.shape[1:]
+    for s in out:
+        if not NO_PROMPT <= s < len(examples):
+            raise ValueError(f"example {b}: region source {s} is not an image of the batch "
+                             f"of {len(examples)}")
+        h, w = examples[b if s == NO_PROMPT else s].image.shape[:2]
+        if h > canvas[0] or w > canvas[1]:
+            raise ValueError(f"example {b}: region canvas {canvas} does not hold image {s}'s frame {(h, w)}")
+    return torch.tensor(out, dtype=torch.long)
+
+
 def collate_raw(examples: list[Example], mode: DecodeMode, tokenizer, cfg: XSAMConfig) -> XSAMBatch:
-    """-> a RAW XSAMBatch: images B x [3, H_b, W_b] uint8, masks bool at the original size."""
-    input_ids, labels, regions, targets = [], [], [], []
+    """-> a RAW XSAMBatch: images B x [3, H_b, W_b] uint8, masks bool at the original size; regions
+    [R_b, Hc, Wc] bool as `Example.region_masks` and, when any example has region sources,
+    `region_sources` B x ([R_b] long image index within the batch, -1 = NO_PROMPT; or None = own image)."""
+    input_ids, labels, regions, sources, targets = [], [], [], [], []
     budget = text_budget(cfg)
     phrase = 0
     for b, ex in enumerate(examples):
@@ -68,9 +106,9 @@ def collate_raw(examples: list[Example], mode: DecodeMode, tokenizer, cfg: XSAMC
         ids, lab = encode_chat(ex.turns, tokenizer, budget)
         input_ids.append(torch.tensor(ids, dtype=torch.long))
         labels.append(torch.tensor(lab, dtype=torch.long))
-        for name, m in (("region_masks", ex.region_masks), ("masks", ex.masks)):
-            if m is not None and m.shape[1:] != size:
-                raise ValueError(f"example {b}: {name} {m.shape[1:]} do not match the image {size}")
+        if ex.masks is not None and ex.masks.shape[1:] != size:
+            raise ValueError(f"example {b}: masks {ex.masks.shape[1:]} do not match the image {size}")
+        sources.append(region_sources(examples, b))
         regions.append(bool_tensor(ex.region_masks, f"example {b} region_masks")
                        if ex.region_masks is not None else None)
         if mode is DecodeMode.none:
@@ -83,7 +121,8 @@ def collate_raw(examples: list[Example], mode: DecodeMode, tokenizer, cfg: XSAMC
                 targets.append({"labels": torch.tensor([phrase], dtype=torch.long), "masks": masks[j:j + 1]})
                 phrase += 1
     return XSAMBatch(mode=mode, images=[image_tensor(ex.image) for ex in examples], input_ids=input_ids,
-                     labels=labels, region_masks=regions, targets=targets)
+                     labels=labels, region_masks=regions,
+                     region_sources=sources if any(t is not None for t in sources) else [], targets=targets)
 
 
 def collate(examples: list[Example], mode: DecodeMode, tokenizer, cfg: XSAMConfig) -> XSAMBatch:

@@ -8,8 +8,76 @@ runs in well under a second on a CPU.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL resample codes -> torch antialiased interpolate modes
+
+
+@dataclass(frozen=True)
+class SiglipProcessing:
+    """transformers' SiglipImageProcessor settings as data: how the SigLIP view is made
+    (`preprocess.siglip_view`). Defaults are SigLIP's own (the processor class defaults): bicubic,
+    x 1/255, mean = std = 0.5. `from_folder` reads a checkpoint folder's preprocessor_config.json.
+
+    size: the processor's (height, width); None = the encoder's image_size (the two must agree).
+    resample: PIL code, 2 (bilinear) or 3 (bicubic), done as PIL does it (antialiased, 8-bit passes).
+    """
+
+    size: tuple[int, int] | None = None
+    resample: int = 3
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:  # JSON gives lists: tuples, so equal settings compare equal
+        if self.size is not None:
+            object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            value = (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+            if len(value) != 3:
+                raise ValueError(f"SiglipProcessing.{name}: expected 3 values, got {value}")
+            object.__setattr__(self, name, value)
+        if self.resample not in PIL_RESAMPLE:
+            raise ValueError(f"SiglipProcessing.resample: PIL code {self.resample} is not supported "
+                             f"(supported: {', '.join(f'{k} {v}' for k, v in PIL_RESAMPLE.items())})")
+
+    @property
+    def mode(self) -> str:
+        """The torch interpolate mode of `resample`."""
+        return PIL_RESAMPLE[self.resample]
+
+    @property
+    def pad_fill(self) -> tuple[int, int, int]:
+        """expand2square's canvas colour: int(mean * 255) per channel (127 for SigLIP)."""
+        return tuple(int(m * 255) for m in self.image_mean)
+
+    @classmethod
+    def from_dict(cls, d: SiglipProcessing | dict[str, Any]) -> SiglipProcessing:
+        return d if isinstance(d, cls) else cls(**d)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> SiglipProcessing:
+        """A local folder's preprocessor_config.json (no hub); the defaults when the folder has none.
+        Settings this view cannot honour (no resize, a centre crop, a shortest-edge size) are errors."""
+        path = Path(folder) / "preprocessor_config.json"
+        if not path.is_file():
+            return cls()
+        d = json.loads(path.read_text())
+        if not d.get("do_resize", True) or d.get("do_center_crop", False) or d.get("do_pad", False):
+            raise ValueError(f"{path}: only a plain resize to a fixed size is supported (do_resize true, "
+                             "no centre crop, no padding)")
+        size = d.get("size")
+        if size is not None and not {"height", "width"} <= set(size):
+            raise ValueError(f"{path}: size {size} is not a fixed height x width")
+        names = {f.name for f in fields(cls)} - {"size"}
+        return cls(size=(size["height"], size["width"]) if size is not None else None,
+                   **{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -23,6 +91,8 @@ class SiglipConfig:
     num_hidden_layers: int = 27
     num_attention_heads: int = 16
     select_layer: int = -2
+    # the view's processor settings; `weights.load_siglip` sets them from the checkpoint folder
+    processing: SiglipProcessing = field(default_factory=SiglipProcessing)
 
     @property
     def num_tokens(self) -> int:
@@ -117,7 +187,10 @@ class XSAMConfig:
         sam = dict(d["sam"])
         for key in ("global_attn_indexes", "connector_blocks"):
             sam[key] = tuple(sam[key])
-        return cls(siglip=SiglipConfig(**d["siglip"]), sam=SamConfig(**sam), llm=LLMConfig(**d["llm"]),
+        siglip = dict(d["siglip"])
+        if "processing" in siglip:  # absent from configs written before it existed: the defaults
+            siglip["processing"] = SiglipProcessing.from_dict(siglip["processing"])
+        return cls(siglip=SiglipConfig(**siglip), sam=SamConfig(**sam), llm=LLMConfig(**d["llm"]),
                    decoder=DecoderConfig(**d["decoder"]), loss=LossConfig(**d["loss"]),
                    num_prompt_points=d["num_prompt_points"])
 

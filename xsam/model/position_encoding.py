@@ -19,7 +19,9 @@ class PositionEmbeddingSine(nn.Module):
     The first `num_pos_feats` output channels encode y, the next `num_pos_feats` encode x; inside each
     half, even channels are sines and odd channels cosines of the (normalised) coordinate divided by
     `temperature ** (2 * (i // 2) / num_pos_feats)`. With `normalize=True` (Mask2Former's setting) the
-    coordinates are the cell centres' cumulative counts scaled to (0, scale].
+    coordinate of row i (0-based) of an H-row map is (i + 1) / (H + 1e-6) * scale, columns likewise: the
+    cumulative count of valid cells, as DETR / Mask2Former (transformers' Mask2FormerSinePositionEmbedding,
+    which the published X-SAM weights were trained with), not Deformable-DETR's cell centres (i + 0.5).
 
     Args:
         num_pos_feats: channels per axis; the output has 2 * num_pos_feats channels (use hidden_dim // 2).
@@ -27,6 +29,9 @@ class PositionEmbeddingSine(nn.Module):
         temperature: frequency base.
         normalize: scale the coordinates to (0, scale].
         scale: the normalisation range (2 pi by default).
+
+    Computed in float32 whatever x's dtype, then cast to x's dtype (transformers computes in x's dtype:
+    under bf16 it rounds the arguments before sin / cos, here only the result is rounded).
     """
 
     def __init__(self, num_pos_feats: int, temperature: float = 10000.0, normalize: bool = True,
@@ -53,8 +58,8 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2)
         if self.normalize:
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
 
         dim_t = torch.arange(self.num_pos_feats, device=x.device, dtype=torch.float32)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)

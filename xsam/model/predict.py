@@ -24,13 +24,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xsam.model import postprocess
-from xsam.model.batching import Example, collate_raw
+from xsam.model import label_chunks, postprocess
+from xsam.model.batching import Example, collate_raw, text_budget
 from xsam.model.preprocess import scaled_size
 from xsam.model.templates import (
     gcg_question,
     generic_question,
     interactive_question,
+    reasoning_question,
+    referring_answer,
     referring_question,
     seg_answer,
     vgd_question,
@@ -44,7 +46,8 @@ class PredictTask(str, Enum):
     panoptic = "panoptic"
     semantic = "semantic"
     instance = "instance"
-    referring = "referring"  # also reasoning (a sentence query) and gres
+    referring = "referring"
+    reasoning = "reasoning"  # ReasonSeg: the reasoning template (sentence or phrase query)
     gres = "gres"
     gcg = "gcg"
     interactive = "interactive"
@@ -68,28 +71,60 @@ def _categories(prompt: str | list[str] | None) -> list[str]:
     return names
 
 
+def phrase_question(task: PredictTask | str, prompt: str, is_sentence: bool = True) -> str:
+    """The question of a referring / gres / reasoning prediction: the templates' index 0, as training
+    formatted that task (reasoning: REASONING_QUESTIONS for a sentence, the short questions for a phrase)."""
+    if PredictTask(task) is PredictTask.reasoning:
+        return reasoning_question(prompt, 0, is_sentence)
+    return referring_question(prompt, 0)
+
+
+# Every evaluation config of the paper pads the SigLIP view to a square (pad_image_to_square=True)
+EVAL_SIGLIP_PAD_SQUARE = True
+
+
 def _run(model: XSAM, tokenizer, example: Example, mode: DecodeMode) -> tuple[torch.Tensor, torch.Tensor]:
-    """One example, teacher-forced; the model builds its views on its own device (XSAM.prepare)."""
+    """One example, teacher-forced; the model builds its views on its own device (XSAM.prepare), the
+    SigLIP view padded to a square as in the paper's evaluation."""
     batch = collate_raw([example], mode, tokenizer, model.cfg)
+    batch = model.prepare(batch, siglip_pad_square=EVAL_SIGLIP_PAD_SQUARE)
     _, _, out = model.decode(batch)
     return out["pred_logits"], out["pred_masks"]
+
+
+def _generic_passes(model: XSAM, tokenizer, image: np.ndarray, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generic prompt over `names`, in as many passes as the text budget needs (`label_chunks`)
+    -> (logits [1, Q', K + 1], masks [1, Q', h, w]); one pass when the list fits."""
+    h, w = image.shape[:2]
+    budget = text_budget(model.cfg)
+
+    def turns(sub):
+        return [(with_image(generic_question(sub, 0)), seg_answer(0))]
+
+    chunks = label_chunks.chunk(names, lambda sub: label_chunks.text_tokens(turns(sub), tokenizer) <= budget)
+    parts = []
+    for idx in chunks:
+        ex = Example(image, turns([names[i] for i in idx]), np.zeros((0, h, w), bool), [])
+        logits, masks = _run(model, tokenizer, ex, DecodeMode.per_sample)
+        parts.append((logits[0], masks[0]))
+    logits, masks = label_chunks.merge(parts, chunks, len(names))
+    return logits[None], masks[None]
 
 
 @torch.no_grad()
 def predict(model: XSAM, tokenizer, image: np.ndarray, task: PredictTask | str, prompt: str | list[str] | None = None,
             prompt_masks: np.ndarray | None = None, is_thing: list[bool] | None = None,
-            max_new_tokens: int = 128) -> Prediction:
+            max_new_tokens: int = 128, is_sentence: bool = True) -> Prediction:
     """image [H, W, 3] uint8 RGB; prompt: categories (panoptic / semantic / instance), a phrase or
-    question (referring / gres), nothing (gcg); prompt_masks [R, H, W] bool (interactive / vgd)."""
+    question (referring / reasoning / gres), nothing (gcg); prompt_masks [R, H, W] bool (interactive / vgd).
+    is_sentence: a reasoning query is a sentence (REASONING_QUESTIONS) or a phrase (the short questions)."""
     task = PredictTask(task)
     model.eval()
     h, w = image.shape[:2]
     orig, scaled = (h, w), scaled_size((h, w), model.cfg.sam.image_size)
     if task in (PredictTask.panoptic, PredictTask.semantic, PredictTask.instance):
         names = _categories(prompt)
-        ex = Example(image, [(with_image(generic_question(names, 0)), seg_answer(0))],
-                     np.zeros((0, h, w), bool), [])
-        logits, masks = _run(model, tokenizer, ex, DecodeMode.per_sample)
+        logits, masks = _generic_passes(model, tokenizer, image, names)
         if task is PredictTask.semantic:
             seg = postprocess.semantic(logits[0], masks[0], scaled, orig)
             present = sorted(int(c) for c in seg.unique())
@@ -104,13 +139,13 @@ def predict(model: XSAM, tokenizer, image: np.ndarray, task: PredictTask | str, 
         res = postprocess.instance(logits[0], masks[0], scaled, orig)
         return Prediction(task, res["masks"].numpy(), [names[int(c)] for c in res["labels"]],
                           res["scores"].tolist())
-    if task in (PredictTask.referring, PredictTask.gres):
+    if task in (PredictTask.referring, PredictTask.reasoning, PredictTask.gres):
         if not prompt:
-            raise ValueError("referring needs a phrase or question as prompt")
-        ex = Example(image, [(with_image(referring_question(str(prompt), 0)), seg_answer(0))],
+            raise ValueError(f"{task.value} needs a phrase or question as prompt")
+        ex = Example(image, [(with_image(phrase_question(task, str(prompt), is_sentence)), referring_answer(0))],
                      np.zeros((1, h, w), bool), [0])
         logits, masks = _run(model, tokenizer, ex, DecodeMode.per_phrase)
-        fn = postprocess.referring if task is PredictTask.referring else postprocess.gres
+        fn = postprocess.gres if task is PredictTask.gres else postprocess.referring
         return Prediction(task, fn(logits[0], masks[0], scaled, orig)[None].numpy(), [str(prompt)], [1.0])
     if task in (PredictTask.interactive, PredictTask.vgd):
         if prompt_masks is None or len(prompt_masks) == 0:
@@ -132,6 +167,7 @@ def predict(model: XSAM, tokenizer, image: np.ndarray, task: PredictTask | str, 
     batch = collate_raw([Example(image, [(question, "")])], DecodeMode.none, tokenizer, model.cfg)
     batch.input_ids = [torch.tensor(encode_prompt(question, tokenizer))]
     batch.labels = [torch.full_like(batch.input_ids[0], -100)]
+    batch = model.prepare(batch, siglip_pad_square=EVAL_SIGLIP_PAD_SQUARE)
     generated = model.generate(batch, max_new_tokens, token_id(tokenizer, END_TOKEN))[0]
     text = tokenizer.decode(generated, skip_special_tokens=False)
     caption, spans = parse_gcg(text)
@@ -172,10 +208,17 @@ def load_for_inference(checkpoint: str | Path, tokenizer: str | Path | None = No
     tok = load_tokenizer(checkpoint) if tokenizer is None else AutoTokenizer.from_pretrained(str(tokenizer))
     add_special_tokens(tok)
     state, manifest = load_export(checkpoint)
+    if manifest.get("stage") != S3.name:  # an S1 / S2 export has untrained parts every task goes through
+        raise ValueError(f"{checkpoint}: a stage {manifest.get('stage')} export; predict and evaluate need a stage "
+                         f"{S3.name} export (every task runs the LLM, the projectors and the segmentor trained in S3)")
     cfg = XSAMConfig.from_dict(manifest["config"])
     model = build_model(cfg, S3.parts, len(tok))
+    missing = sorted({k.split(".", 1)[0] for k in model.state_dict()} - {k.split(".", 1)[0] for k in state})
+    if missing:
+        raise ValueError(f"{checkpoint}: the export lacks the parts {missing} that prediction needs")
     load_stage_state(model, state)
     model.special_ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    model.siglip_pad_square = EVAL_SIGLIP_PAD_SQUARE  # the processor settings come with the export's config
     return model.eval(), tok
 
 

@@ -5,8 +5,13 @@ torch transform, run on whatever device its inputs are on (the training device a
 Inputs are what the loader ships: uint8 images [3, H, W] and bool masks [N, H, W] at the ORIGINAL
 size (any strides: a permuted HWC decode or a column-major RLE decode is used as it is).
 
-- SigLIP view (`siglip_view`): resized to S x S (bicubic), rescaled to [0, 1], normalised with
-  mean = std = 0.5 (S = 384 paper). One small function: issue 10 swaps in SiglipImageProcessor's.
+- SigLIP view (`siglip_view`): what transformers' SiglipImageProcessor does with the checkpoint's
+  preprocessor_config.json (`SiglipProcessing`: resample, rescale factor, mean / std; SigLIP's own
+  values - bicubic, 1/255, 0.5 / 0.5 - by default): resized to S x S as PIL resizes an 8-bit image
+  (antialiased, horizontal pass then vertical, each rounded to 8 bits: within 1 grey level of the
+  processor), rescaled, normalised (S = 384 paper). Optionally first padded to a square
+  (`expand_to_square`, LLaVA's expand2square: centred on a canvas of the mean colour) - the paper's S2
+  training and every evaluation; only this view, the SAM view and the targets never are.
 - SAM view (`sam_view`): longest side resized to I (antialiased bilinear; I = 1024 paper), normalised
   with SAM's pixel mean / std, zero-padded bottom / right to I x I (zero in normalised space, as SAM).
 - mask targets (`frame_masks`): nearest resize (torch "nearest": src = floor(dst * H / h)) to the
@@ -33,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
+from xsam.model.config import SiglipProcessing
+
+SIGLIP = SiglipProcessing()  # SigLIP's processor defaults (a folder without preprocessor_config.json)
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
 
@@ -72,10 +78,51 @@ def _normalise_(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tenso
 
 
 # --------------------------------------------------------------------------- one size at a time
-def siglip_view(images: Tensor, size: int) -> Tensor:
-    """[B, 3, H, W] uint8 (one size) -> [B, 3, S, S] float32: bicubic to S x S, clamp, /255, normalise."""
-    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 255)
-    return _normalise_(x.div_(255.0), SIGLIP_MEAN, SIGLIP_STD)
+def expand_to_square(images: Tensor, fill: Sequence[int]) -> Tensor:
+    """[B, C, H, W] (one size) -> [B, C, M, M], M = max(H, W): the images centred on a canvas of `fill`
+    (one value per channel), at row (M - H) // 2 or column (M - W) // 2 as LLaVA's expand2square pastes
+    them. A square batch is returned as it is."""
+    b, c, h, w = images.shape
+    if h == w:
+        return images
+    m = max(h, w)
+    out = torch.empty(b, c, m, m, dtype=images.dtype, device=images.device)
+    for ch in range(c):  # Python scalars: no constant tensor to copy to the device
+        out[:, ch].fill_(fill[ch])
+    y, x = (m - h) // 2, (m - w) // 2
+    out[:, :, y:y + h, x:x + w] = images
+    return out
+
+
+def pil_resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """[B, C, H, W] float holding 8-bit values -> [B, C, h, w] float holding 8-bit values, resized as
+    PIL resizes an 8-bit image: separable antialiased filter (torch's antialias=True kernels are PIL's),
+    the horizontal pass first, each pass rounded and clamped to 0..255 (the clamp between the passes
+    matters where the cubic overshoots at edges). An axis already at its size is not filtered."""
+    h, w = size
+    if x.shape[-1] != w:
+        x = F.interpolate(x, size=(x.shape[-2], w), mode=mode, align_corners=False, antialias=True)
+        x = x.add_(0.5).floor_().clamp_(0, 255)
+    if x.shape[-2] != h:
+        x = F.interpolate(x, size=(h, w), mode=mode, align_corners=False, antialias=True).add_(0.5).floor_()
+        x = x.clamp_(0, 255)
+    return x
+
+
+def siglip_view(images: Tensor, size: int, processing: SiglipProcessing = SIGLIP,
+                pad_square: bool = False) -> Tensor:
+    """[B, 3, H, W] uint8 (one size) -> [B, 3, S, S] float32, as SiglipImageProcessor with `processing`
+    (on processor(expand2square(image)) when pad_square): resize to S x S, rescale, normalise."""
+    if processing.size is not None and processing.size != (size, size):
+        raise ValueError(f"the SigLIP processor resizes to {processing.size}, the encoder takes {(size, size)}")
+    if pad_square:
+        images = expand_to_square(images, processing.pad_fill)
+    x = pil_resize(images.float(), (size, size), processing.mode)
+    if processing.do_rescale:
+        x.mul_(processing.rescale_factor)
+    if processing.do_normalize:
+        _normalise_(x, processing.image_mean, processing.image_std)
+    return x
 
 
 def _resize_normalise(images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -136,9 +183,12 @@ def _by_shape(tensors: Sequence[Tensor | None]) -> dict[tuple[int, ...], list[in
     return groups
 
 
-def views(images: Sequence[Tensor], siglip_size: int | None, sam_size: int) -> tuple[Tensor | None, Tensor]:
+def views(images: Sequence[Tensor], siglip_size: int | None, sam_size: int, *,
+          siglip_processing: SiglipProcessing = SIGLIP,
+          siglip_pad_square: bool = False) -> tuple[Tensor | None, Tensor]:
     """B x [3, H_b, W_b] uint8 -> (SigLIP [B, 3, S, S] or None when siglip_size is None, SAM [B, 3, I, I]),
-    float32 on the images' device; images of one size go through one resize call."""
+    float32 on the images' device; images of one size go through one resize call. The SigLIP view follows
+    `siglip_processing`, padded to a square first when `siglip_pad_square` (`siglip_view`)."""
     sam: list[Tensor | None] = [None] * len(images)
     sig: list[Tensor | None] = [None] * len(images)
     for idx in _by_shape(images).values():
@@ -146,7 +196,7 @@ def views(images: Sequence[Tensor], siglip_size: int | None, sam_size: int) -> t
         for k, v in zip(idx, sam_view(x, sam_size)):
             sam[k] = v
         if siglip_size is not None:
-            for k, v in zip(idx, siglip_view(x, siglip_size)):
+            for k, v in zip(idx, siglip_view(x, siglip_size, siglip_processing, siglip_pad_square)):
                 sig[k] = v
     return (torch.stack(sig) if siglip_size is not None else None), torch.stack(sam)
 
@@ -167,9 +217,11 @@ def image_tensor(image: np.ndarray) -> Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)
 
 
-def image_views(image: np.ndarray, siglip_size: int, sam_size: int) -> ImageViews:
+def image_views(image: np.ndarray, siglip_size: int, sam_size: int, *,
+                siglip_processing: SiglipProcessing = SIGLIP, siglip_pad_square: bool = False) -> ImageViews:
     """image: [H, W, 3] uint8 RGB -> the two normalised views, on the CPU."""
-    sig, sam = views([image_tensor(image)], siglip_size, sam_size)
+    sig, sam = views([image_tensor(image)], siglip_size, sam_size, siglip_processing=siglip_processing,
+                     siglip_pad_square=siglip_pad_square)
     h, w = image.shape[:2]
     return ImageViews(siglip=sig[0], sam=sam[0], orig_size=(h, w), scaled_size=scaled_size((h, w), sam_size))
 

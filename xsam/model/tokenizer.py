@@ -72,8 +72,7 @@ def _training_text() -> list[str]:
         "Because it is the largest object that can hold water, the answer is the bottle.",
         "What is in the image? There is a table with a cup and a book on it.",
     ]
-    text = list(T.GENERIC_QUESTIONS + T.SEG_ANSWERS + T.REFERRING_QUESTIONS + T.REASONING_QUESTIONS
-                + T.REASONING_EXPLAIN_QUESTIONS + T.GCG_QUESTIONS + T.GCG_ANSWER_SUFFIXES + T.VGD_QUESTIONS)
+    text = list(T.ALL_TEMPLATES)
     return text + captions + [words, words.title()]
 
 

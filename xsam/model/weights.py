@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig
 
+from xsam.model.config import SiglipProcessing
 from xsam.model.encoders import SamEncoder, SiglipEncoder
 
 _LIST_LIMIT = 30  # keys listed per category in an error message
@@ -150,8 +151,19 @@ def load_siglip(encoder: SiglipEncoder, folder: str | Path, *, allow_mismatch: b
     (vision keys under `vision_model.`, plus `text_model.*`, `logit_scale`, `logit_bias`, which are
     reported as ignored and never read). The folder's vision config must equal the encoder's
     (WeightLoadError naming the first differing field). Single or sharded safetensors.
+
+    The folder's image-processor settings (preprocessor_config.json; SigLIP's defaults when it has none)
+    become `encoder.cfg.processing` - the SigLIP section of the model config the encoder was built from,
+    so the views (`XSAM.prepare`) and the exports' config follow the checkpoint's own processor.
     """
     folder = Path(folder)
+    try:
+        processing = SiglipProcessing.from_folder(folder)
+    except ValueError as e:
+        raise WeightLoadError(str(e)) from e
+    if processing.size not in (None, (encoder.cfg.image_size,) * 2):
+        raise WeightLoadError(f"{folder}: preprocessor_config.json resizes to {processing.size}, the encoder "
+                              f"takes {encoder.cfg.image_size} x {encoder.cfg.image_size}")
     hf_cfg = AutoConfig.from_pretrained(str(folder))
     if hf_cfg.model_type == "siglip":
         hf_cfg = hf_cfg.vision_config
@@ -184,6 +196,7 @@ def load_siglip(encoder: SiglipEncoder, folder: str | Path, *, allow_mismatch: b
                     state[name] = sf.get_tensor(k)
     report = load_checked(encoder.model, state, allow_mismatch=allow_mismatch)
     report.ignored.extend(ignored)
+    encoder.cfg.processing = processing
     return report
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from xsam.model import preprocess
-from xsam.model.config import XSAMConfig
+from xsam.model.config import SiglipProcessing, XSAMConfig
 from xsam.model.connector import SegConnector
 from xsam.model.criterion import SetCriterion
 from xsam.model.encoders import SamEncoder, SiglipEncoder
@@ -60,8 +60,11 @@ class XSAMBatch:
     siglip_pixels: Tensor | None = None  # [B, 3, S, S] float32 (prepared)
     input_ids: list[Tensor] = field(default_factory=list)  # B x [T_b]
     labels: list[Tensor] = field(default_factory=list)  # B x [T_b]
-    region_masks: list[Tensor | None] = field(default_factory=list)  # B x [R_b, I, I] (raw: [R_b, H_b, W_b]) bool
-    # VGD: a prompt may come from another image of the batch; B x [R_b] image index (default: own image)
+    # B x [R_b, I, I] bool; raw: [R_b, Hc, Wc], region r's prompt in the top-left window of its SOURCE
+    # image's frame ([H_s, W_s]; no sources: Hc, Wc = H_b, W_b), framed with that image's geometry
+    region_masks: list[Tensor | None] = field(default_factory=list)
+    # VGD: a prompt may come from another image of the batch; B x [R_b] long image index (empty list or
+    # None: own image; -1: no prompt, a zero region token)
     region_sources: list[Tensor | None] = field(default_factory=list)
     targets: list[dict[str, Tensor]] = field(default_factory=list)
     images: list[Tensor] | None = None  # raw: B x [3, H_b, W_b] uint8 at the original size
@@ -73,21 +76,25 @@ class XSAMBatch:
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else self.sam_pixels.shape[0]
 
-    def prepared(self, siglip_size: int | None, sam_size: int, device: torch.device | str | None = None) -> XSAMBatch:
+    def prepared(self, siglip_size: int | None, sam_size: int, device: torch.device | str | None = None, *,
+                 siglip_processing: SiglipProcessing = preprocess.SIGLIP,
+                 siglip_pad_square: bool = False) -> XSAMBatch:
         """Raw -> prepared on `device` (default: the images' device); no SigLIP view when siglip_size is
-        None. A prepared batch is returned as it is."""
+        None, else one made with `siglip_processing`, padded to a square first when `siglip_pad_square`
+        (`preprocess.siglip_view`). A prepared batch is returned as it is."""
         if not self.raw:
             return self
         dev = torch.device(device) if device is not None else self.images[0].device
-        sig, sam = preprocess.views([_on(im, dev) for im in self.images], siglip_size, sam_size)
-        r = len(self.region_masks)
-        framed = preprocess.frame_mask_list([_on(m, dev) for m in self.region_masks]
-                                            + [_on(t["masks"], dev) for t in self.targets], sam_size)
+        sig, sam = preprocess.views([_on(im, dev) for im in self.images], siglip_size, sam_size,
+                                    siglip_processing=siglip_processing, siglip_pad_square=siglip_pad_square)
+        regions, framed = _frame_regions([_on(m, dev) for m in self.region_masks], self.region_sources,
+                                         [im.shape[-2:] for im in self.images],
+                                         [_on(t["masks"], dev) for t in self.targets], sam_size)
         return replace(self, sam_pixels=sam, siglip_pixels=sig, images=None,
                        input_ids=[_on(t, dev) for t in self.input_ids], labels=[_on(t, dev) for t in self.labels],
-                       region_masks=framed[:r], region_sources=[_on(t, dev) for t in self.region_sources],
+                       region_masks=regions, region_sources=[_on(t, dev) for t in self.region_sources],
                        targets=[{**t, "labels": _on(t["labels"], dev), "masks": m}
-                                for t, m in zip(self.targets, framed[r:])])
+                                for t, m in zip(self.targets, framed)])
 
 
 @dataclass
@@ -133,6 +140,42 @@ def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
     return None if t is None else t.to(device, non_blocking=True)
 
 
+def _frame_regions(regions: list[Tensor | None], sources: list[Tensor | None], sizes: list[tuple[int, int]],
+                   targets: list[Tensor], size: int) -> tuple[list[Tensor | None], list[Tensor]]:
+    """Raw region masks B x [R_b, Hc, Wc] (and target masks [N, H_b, W_b]) -> [R_b, I, I] (and [N, I, I])
+    bool in the padded SAM frame. Region r of image b is framed with the geometry of its SOURCE image
+    s = sources[b][r] (own image when there are no sources or s < 0): its [H_s, W_s] window is resized
+    and padded exactly as image s's own masks are. sizes: B x (H_b, W_b). Masks of one size, regions and
+    targets alike, go through one resize call (`preprocess.frame_mask_list`)."""
+    pieces, plans = [], []  # plans[b]: None or [(piece index, region indices)]
+    for b, m in enumerate(regions):
+        if m is None:
+            plans.append(None)
+            continue
+        src = sources[b].tolist() if sources and sources[b] is not None else [b] * len(m)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, s in enumerate(src):
+            groups.setdefault(tuple(sizes[s if s >= 0 else b]), []).append(r)
+        plan = []
+        for (h, w), idx in groups.items():
+            plan.append((len(pieces), idx))
+            pieces.append(m[:, :h, :w] if len(idx) == len(m) else m[idx, :h, :w])
+        plans.append(plan)
+    framed = preprocess.frame_mask_list(pieces + list(targets), size)
+    out: list[Tensor | None] = []
+    for b, plan in enumerate(plans):
+        if plan is None:
+            out.append(None)
+        elif len(plan) == 1 and len(plan[0][1]) == len(regions[b]):
+            out.append(framed[plan[0][0]])
+        else:
+            x = torch.zeros(len(regions[b]), size, size, dtype=torch.bool, device=regions[b].device)
+            for k, idx in plan:
+                x[idx] = framed[k]
+            out.append(x)
+    return out, framed[len(pieces):]
+
+
 class Segmentor(nn.Module):
     """Connector + pixel decoder + masked-attention decoder, with both classification heads."""
 
@@ -176,6 +219,9 @@ class XSAM(nn.Module):
         lc = cfg.loss
         self.criterion = SetCriterion(HungarianMatcher(lc.class_weight, lc.mask_weight, lc.dice_weight, lc.num_points), lc)
         self.special_ids: dict[str, int] = {}  # "<SEG>", "<p>", "</p>" -> id, set by the builder
+        # SigLIP view padded to a square (expand2square) when `prepare` is not told: the training recipe
+        # sets the stage's TrainConfig.siglip_pad_square (S2 on, S3 off); predict / evaluation pass True
+        self.siglip_pad_square = False
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute activations in the backward pass: SAM blocks, SigLIP layers, LLM layers."""
@@ -198,18 +244,23 @@ class XSAM(nn.Module):
             return None
         return pixels.to(device=self.sam.pos_embed.device, dtype=self.compute_dtype)
 
-    def prepare(self, batch: XSAMBatch | S1Batch) -> XSAMBatch | S1Batch:
+    def prepare(self, batch: XSAMBatch | S1Batch, siglip_pad_square: bool | None = None) -> XSAMBatch | S1Batch:
         """The model boundary for images: a raw batch (uint8 images, masks at the original size) ->
         views + SAM-frame targets on the model's device (views float32; `to_model_dtype` casts them
-        where they enter). A prepared batch (pixels present) passes through."""
+        where they enter). The SigLIP view follows the encoder's processor settings
+        (`siglip.cfg.processing`, from its checkpoint folder) and is padded to a square when
+        `siglip_pad_square` (None: `self.siglip_pad_square`). A prepared batch (pixels present) passes through."""
         if not batch.raw:
             return batch
         device = self.sam.pos_embed.device
         with torch.no_grad():
             if isinstance(batch, S1Batch):
                 return batch.prepared(self.cfg.sam.image_size, device)
-            return batch.prepared(self.cfg.siglip.image_size if self.siglip is not None else None,
-                                  self.cfg.sam.image_size, device)
+            if self.siglip is None:
+                return batch.prepared(None, self.cfg.sam.image_size, device)
+            pad = self.siglip_pad_square if siglip_pad_square is None else siglip_pad_square
+            return batch.prepared(self.siglip.cfg.image_size, self.cfg.sam.image_size, device,
+                                  siglip_processing=self.siglip.cfg.processing, siglip_pad_square=pad)
 
     def unused_prefixes(self) -> tuple[str, ...]:
         """Parameters that exist for checkpoint compatibility but never feed an output."""
@@ -243,9 +294,12 @@ class XSAM(nn.Module):
                 sources = batch.region_sources[b] if batch.region_sources else None
                 if sources is None:
                     regions = self.prompt_sampler(seg_map[b], masks)
-                else:
-                    regions = torch.cat([self.prompt_sampler(seg_map[int(src)], masks[r:r + 1])
-                                         for r, src in enumerate(sources)])
+                else:  # region r from image sources[r]'s token map; -1 (no prompt): a zero token, as X-SAM
+                    src = sources.tolist()
+                    regions = seg_map.new_zeros(len(src), seg_map.shape[-1])
+                    for j in sorted(set(src) - {-1}):
+                        idx = [r for r, s in enumerate(src) if s == j]
+                        regions[idx] = self.prompt_sampler(seg_map[j], masks[idx])
             sequences.append(expand_visual(batch.input_ids[b], batch.labels[b], embed, visual[b], regions))
         return pad_batch(sequences)
 

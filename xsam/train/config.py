@@ -18,6 +18,10 @@ from typing import Any
 
 import yaml
 
+# Per-stage default of TrainConfig.siglip_pad_square (the paper's configs: pad_image_to_square True in
+# S2, False for S3's training datasets; every evaluation pads, xsam.model.predict)
+SIGLIP_PAD_SQUARE = {"s1": False, "s2": True, "s3": False}
+
 
 @dataclass
 class TrainConfig:
@@ -59,6 +63,9 @@ class TrainConfig:
     bf16: bool = False
     activation_checkpointing: bool = False
     balance_t: float = 0.1  # dataset balancing temperature t of r_d = max(1, sqrt(t / f_d))
+    # SigLIP view padded to a square (expand2square) before its resize; None: the stage's default
+    # (SIGLIP_PAD_SQUARE: on in S2 as the paper's align config, off in S3's training mix; S1 has no view)
+    siglip_pad_square: bool | None = None
     seed: int = 1024
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -74,6 +81,10 @@ class TrainConfig:
     mlflow_parent_run_id: str | None = None  # the workflow's run (pipelines/full_run.py), if any
     fail_at_step: int | None = None  # fault injection (tests): the last rank raises once at this step
     trace: str | None = None  # folder for per-rank JSONL traces of the consumed sample keys (tests)
+
+    def __post_init__(self) -> None:
+        if self.siglip_pad_square is None:
+            self.siglip_pad_square = SIGLIP_PAD_SQUARE.get(self.stage, False)
 
     @property
     def name(self) -> str:

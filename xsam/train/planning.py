@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -212,12 +211,6 @@ def train_flops_per_sample(preset: str | XSAMConfig, stage: str, activation_chec
     """Model FLOPs (forward + backward, no recompute: what MFU counts) of one training sample; see
     `sample_flops` for the arguments and the per-part figures."""
     return sample_flops(preset, stage, activation_checkpointing, text).model
-
-
-def balanced_epoch(counts: dict[str, int], t: float) -> dict[str, float]:
-    """Samples per epoch after balancing r_d = max(1, sqrt(t / f_d)) (xsam.train.sampling)."""
-    total = sum(counts.values())
-    return {d: max(1.0, math.sqrt(t / (n / total))) * n for d, n in counts.items() if n}
 
 
 def implied_mfu(flops_total: float, hours: float, gpus: int, peak: float) -> float:

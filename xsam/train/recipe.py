@@ -156,6 +156,7 @@ class StageRecipe:
         built = build_xsam(model_cfg, self.policy, WeightPaths(sam=w.get("sam"), siglip=w.get("siglip"),
                                                                llm=w.get("llm"), tokenizer=w.get("tokenizer")))
         self.model, self.tokenizer, self.model_cfg = built.model, built.tokenizer, built.model.cfg
+        self.model.siglip_pad_square = cfg.siglip_pad_square  # the stage's SigLIP view (S2 pads to a square)
         self.init_reports = {k: str(v) for k, v in built.reports.items()}
         for folder in cfg.init_from:  # a folder or s3:// prefix, read directly and checked complete
             self.init_reports[f"init:{folder}"] = str(load_stage_checkpoint(self.model, folder, self.policy))
@@ -166,8 +167,9 @@ class StageRecipe:
         datasets = [tuple(d.split("/", 1)) for d in cfg.datasets]
         self.index = ShardIndex.build(cfg.shards, datasets)
         self.schedule = Schedule(self.index.counts(), t=cfg.balance_t, batch_per_rank=cfg.batch_per_rank,
-                                 world_size=self.session.world_size, seed=cfg.seed)
-        self.formatter = Formatter(cfg.stage, self.index.label_spaces(), sam_size=self.model_cfg.sam.image_size)
+                                 world_size=self.session.world_size, seed=cfg.seed, repeats=self.index.expansions())
+        self.formatter = Formatter(cfg.stage, self.index.label_spaces(), sam_size=self.model_cfg.sam.image_size,
+                                   seed=cfg.seed)
         self.steps_per_epoch = self.schedule.steps_per_epoch(0)
         micro_total = sum(self.schedule.steps_per_epoch(e) for e in range(int(cfg.epochs)))
         micro_total += int((cfg.epochs % 1) * self.steps_per_epoch)
@@ -201,13 +203,18 @@ class StageRecipe:
 
     def collate(self, items):
         """-> a RAW batch (uint8 images, bool masks at the original size; pinned for a CUDA run): the
-        model builds the views and targets on its device (XSAM.prepare)."""
+        model builds the views and targets on its device (XSAM.prepare). VGD items first get their
+        region prompts from any image of this rank's batch (`format_regions.assign_region_sources`,
+        deterministic: its randomness was drawn by the formatter from the per-sample generators)."""
         if self.cfg.stage == "s1":
             batch = collate_s1(items)
         else:
             modes = {f.mode for f in items}
             if len(modes) != 1:
                 raise ValueError(f"a batch mixes decode modes {modes}: batches must be single-task")
+            from xsam.train.format_regions import assign_region_sources
+
+            items = assign_region_sources(items)
             batch = collate_raw([f.example for f in items], modes.pop(), self.tokenizer, self.model_cfg)
         return _to(batch, None) if self.device.type == "cuda" else batch
 

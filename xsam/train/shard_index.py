@@ -34,7 +34,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from xsam.data import storage
+from xsam.data import expansion, storage
 from xsam.data.schema import Sample
 from xsam.data.shards import Manifest, split_dir
 
@@ -157,6 +157,22 @@ class ShardIndex:
     def counts(self) -> dict[str, int]:
         """Samples per dataset: what `Schedule(counts=...)` takes."""
         return {d: len(r) for d, r in self.refs.items()}
+
+    def records(self) -> dict[str, int]:
+        """Training records per dataset after the recipe's expansion (`xsam.data.expansion`), from the
+        manifests; a split whose manifest predates the count is counted here by reading its samples."""
+        out: dict[str, int] = {}
+        for (d, s), m in self.manifests.items():
+            n = m.num_records
+            if n is None:
+                n = sum(expansion.num_records(self.read(ref)[0]) for ref in self.refs[d] if ref.split == s)
+            out[d] = out.get(d, 0) + n
+        return out
+
+    def expansions(self) -> dict[str, float]:
+        """records / samples per dataset: the `repeats` a Schedule balances with (datasets with samples)."""
+        counts, records = self.counts(), self.records()
+        return {d: records[d] / n for d, n in counts.items() if n and records.get(d)}
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.refs.values())
