@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -77,6 +78,78 @@ def train_step(cfg_dict: dict, *upstream: dict) -> dict:
             "loss": result.metrics.get("loss/total")}
 
 
+def sweep_step(cfg_dict: dict, sweep: dict, storage: str, *upstream: dict) -> dict:
+    """The profile's S3 sweep (pipelines/tune.py run_sweep): one trained S3 run per grid point."""
+    from pipelines.tune import run_sweep
+
+    trials = run_sweep(cfg_dict, sweep["grid"], storage, sweep["max_concurrent_trials"])
+    best = min(trials, key=lambda t: t["loss"])
+    return {"export": best["export"], "step": best["step"], "loss": best["loss"], "trials": trials}
+
+
+def candidates_step(trained: list[dict]) -> dict:
+    """Every kept checkpoint of every S3 run (the run, or each sweep trial), exported on demand
+    (xsam.train.candidates), plus each run's final export."""
+    from xsam.train.candidates import candidates
+
+    found = []
+    for t in trained:
+        found += [{**c.to_dict(), "run_dir": t["run_dir"], "config": t.get("config")}
+                  for c in candidates(t["run_dir"], t["export"], t["step"])]
+    return {"candidates": found}
+
+
+def storage_join(base: str, *parts: str) -> str:
+    from xsam.data import storage
+
+    return storage.join(base, *parts)
+
+
+def comparison(client, model_name: str, found: list[dict], workflow_run: str) -> dict:
+    """Tag each candidate's registered version with its lineage and build the candidates x benchmarks table
+    (primary metrics) from the registry: the same table whether the evaluate step ran or was skipped."""
+    by_export = {c["export"]: c for c in found}
+    rows, benchmarks = [], set()
+    for v in client.search_model_versions(f"name = '{model_name}'"):
+        cand = by_export.get((v.tags or {}).get("xsam.checkpoint"))
+        if cand is None:
+            continue
+        lineage = {"xsam.candidate.step": str(cand["step"]), "xsam.training_run": cand["run_dir"],
+                   "xsam.workflow_run": workflow_run,
+                   "xsam.candidate.source": cand["checkpoint"] or "final export",
+                   **({"xsam.candidate.config": json.dumps(cand["config"], sort_keys=True)} if cand.get("config")
+                      else {})}
+        for k, val in lineage.items():
+            if (v.tags or {}).get(k) != val:
+                client.set_model_version_tag(model_name, v.version, k, val)
+        run = client.get_run(v.run_id)
+        primary = {t[len("xsam.primary."):]: m for t, m in run.data.tags.items() if t.startswith("xsam.primary.")}
+        scores = {b: run.data.metrics.get(f"{b}/{m}") for b, m in primary.items()}
+        benchmarks |= set(scores)
+        rows.append({"version": v.version, "step": cand["step"], "export": cand["export"],
+                     "partial": (v.tags or {}).get("xsam.partial") == "true", "scores": scores})
+    rows.sort(key=lambda r: int(r["version"]))
+    return {"benchmarks": sorted(benchmarks), "rows": rows}
+
+
+def format_comparison(table: dict) -> list[str]:
+    """One line per benchmark, one column per candidate version (step in the header), then the mean."""
+    rows = table["rows"]
+    width = max([len(b) for b in table["benchmarks"]] + [9])
+    head = "".join(f"  v{r['version']} @{r['step']}".rjust(12) for r in rows)
+    out = [f"{'benchmark':{width}s}{head}"]
+    for b in table["benchmarks"]:
+        out.append(f"{b:{width}s}" + "".join(f"{r['scores'].get(b, float('nan')):12.2f}" for r in rows))
+    means = []
+    for r in rows:
+        vals = [v for v in r["scores"].values() if v is not None and not math.isnan(v)]
+        means.append(sum(vals) / len(vals) if vals else float("nan"))
+    out.append(f"{'mean':{width}s}" + "".join(f"{m:12.2f}" for m in means)
+               + ("   partial: " + ", ".join(f"v{r['version']}" for r in rows if r["partial"])
+                  if any(r["partial"] for r in rows) else ""))
+    return out
+
+
 def evaluate_step(argv: list[str], upstream: dict) -> dict:
     from pipelines.evaluate import main
 
@@ -113,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     cfgs = stage_configs(args.profile, args.shards, args.overrides)
+    from xsam.train.config import load_sweep, profile_path
+
+    sweep = load_sweep(profile_path(args.profile))
     registry = args.registry or cfgs["s1"].data_registry
     if registry is None:  # the embedded default: fixture datasets in every source format
         from xsam.data.fixtures import generate
@@ -184,18 +260,30 @@ def main(argv: list[str] | None = None) -> int:
         cfg.run_name = f"xsam-{stage}-{key[:8]}"  # a restarted step resumes its own Ray Train run
         cfg.init_from = [exports[s] for s in STAGES[:STAGES.index(stage)] if s in ("s1", "s2")]
         cfg.mlflow_parent_run_id = wid
-        outputs = run_step(stage, key, train_step, cfg.to_dict(), converted)
+        if stage == "s3" and sweep:  # one Ray Tune trial (a Ray Train run) per grid point: all candidates
+            key = _key(key, sweep)
+            outputs = run_step(stage, key, sweep_step, cfg.to_dict(), sweep, str(work / "tune"), converted)
+        else:
+            outputs = run_step(stage, key, train_step, cfg.to_dict(), converted)
         exports[stage] = outputs["export"]
         upstream_keys.append(key)
-    eval_argv = ["--checkpoints", exports["s3"], "--shards", shards, "--tracking-uri", s1.mlflow_uri,
+    s3 = cfgs["s3"]
+    trained = summary["s3"].get("trials") or [{"run_dir": storage_join(s3.output, s3.name), "export": exports["s3"],
+                                                "step": summary["s3"].get("step")}]
+    cand_key = _key("candidates", upstream_keys[-1], version)
+    found = run_step("candidates", cand_key, candidates_step, trained)
+    candidate_exports = [c["export"] for c in found["candidates"]]
+    eval_argv = ["--checkpoints", ",".join(candidate_exports), "--shards", shards, "--tracking-uri", s1.mlflow_uri,
                  "--experiment", s1.mlflow_experiment, "--model-name", args.model_name, "--parent-run", wid,
                  "--workers", str(s1.num_workers if s1.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 2))))]
     eval_argv += ["--gpus-per-worker", "1"] if s1.use_gpu else []
     eval_argv += ["--benchmarks", args.benchmarks] if args.benchmarks else []
     eval_argv += ["--max-samples", str(args.eval_max_samples)] if args.eval_max_samples else []
-    eval_key = _key("evaluate", exports["s3"], shards, args.benchmarks, args.eval_max_samples, args.model_name,
+    eval_key = _key("evaluate", candidate_exports, shards, args.benchmarks, args.eval_max_samples, args.model_name,
                     s1.mlflow_uri, s1.mlflow_experiment, upstream_keys, version)
     selected = run_step("evaluate", eval_key, evaluate_step, eval_argv, exports)
+    table = comparison(client, args.model_name, found["candidates"], wid)
+    client.log_dict(wid, table, "comparison.json")
     client.log_dict(wid, summary, "summary.json")
     client.set_terminated(wid)
 
@@ -204,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  data:        {shards} ({sum(converted['samples'].values())} samples in {len(converted['samples'])} splits)")
     for stage in STAGES:
         print(f"  {stage}:          {exports[stage]} ({summary[stage]['status']})")
+    print(f"  candidates:  {len(table['rows'])} scored ({'sweep trials' if sweep else 'S3'} kept checkpoints); "
+          "primary metric per benchmark:")
+    for line in format_comparison(table):
+        print(f"    {line}")
     print(f"  MLflow:      {s1.mlflow_uri} experiment {s1.mlflow_experiment!r}, workflow run {wid}")
     # read back from the registry (also when the evaluate step was skipped: no stale champion)
     from xsam.eval.selection import current_alias

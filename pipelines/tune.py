@@ -20,14 +20,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def trial(config: dict) -> None:
-    """One Tune trial: train S3 with the trial's settings, then score the export."""
+    """One Tune trial: train S3 with the trial's settings, then score the export (standalone sweep), or,
+    in the workflow (`config["base"]`: the S3 config the workflow built), train only and report the
+    export: the workflow's evaluation DAG scores every trial as a selection candidate."""
     import ray.tune
 
-    from pipelines.evaluate import EvalWorker, discover_benchmarks
     from pipelines.train import run as train_run
-    from xsam.train.config import load_profile, profile_path
+    from xsam.train.config import TrainConfig, load_profile, profile_path
 
-    name = f"tune-{ray.tune.get_context().get_trial_id()}"
+    trial_id = ray.tune.get_context().get_trial_id()
+    if config.get("base"):
+        point = {k: config[k] for k in config["grid_keys"]}
+        base = config["base"]
+        cfg = TrainConfig(**{**base, **point, "run_name": f"{base['run_name']}-{trial_id}", "export": None})
+        result = train_run(cfg)
+        ray.tune.report({"loss": float(result.metrics.get("loss/total", float("nan"))),
+                         "step": int(result.metrics.get("step") or 0), "export": cfg.export_dir,
+                         "run_dir": f"{cfg.output.rstrip('/')}/{cfg.name}"})
+        return
+    from pipelines.evaluate import EvalWorker, discover_benchmarks
+
+    name = f"tune-{trial_id}"
     overrides = [f"lr={config['lr']}", f"balance_t={config['balance_t']}", f"run_name={name}",
                  f"mlflow_uri={config['tracking_uri']}", f"mlflow_experiment={config['experiment']}-trials"]
     overrides += [f"max_steps={config['max_steps']}"] if config.get("max_steps") else []
@@ -46,6 +59,25 @@ def trial(config: dict) -> None:
             primaries.append(result[bench.primary])
     metrics["score"] = sum(primaries) / len(primaries) if primaries else 0.0
     ray.tune.report(metrics)
+
+
+def run_sweep(base: dict, grid: dict[str, list], storage: str, max_concurrent_trials: int = 1) -> list[dict]:
+    """Train one S3 run per grid point of `grid` over the S3 config `base` (a TrainConfig dict): Ray Tune
+    trials, each a Ray Train run named `<base run_name>-<trial id>`. -> per trial {"config": point,
+    "export", "run_dir", "step", "loss"}, in trial order. Scoring is the caller's (the workflow's DAG)."""
+    from ray import tune
+
+    space = {k: tune.grid_search(list(v)) for k, v in grid.items()}
+    space.update({"base": base, "grid_keys": sorted(grid)})
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"cpu": 0.01}), param_space=space,
+        tune_config=tune.TuneConfig(metric="loss", mode="min", max_concurrent_trials=max_concurrent_trials),
+        run_config=tune.RunConfig(name=f"{base['run_name']}-sweep", storage_path=storage))
+    results = tuner.fit()
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} sweep trial(s) failed; first: {results.errors[0]}")
+    return [{"config": {k: r.config[k] for k in grid}, "export": r.metrics["export"], "run_dir": r.metrics["run_dir"],
+             "step": r.metrics["step"], "loss": r.metrics["loss"]} for r in results]
 
 
 def _num_samples(shards: str, bench) -> int:

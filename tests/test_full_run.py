@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from helpers import free_port  # tests/ is on sys.path (conftest)
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +54,29 @@ def test_ray_job_submit_runs_the_workflow_to_a_selected_model(submitted):
     assert "succeeded" in proc.stdout.lower() or "SUCCEEDED" in proc.stdout
     steps = _steps(work)
     assert f"xsam@champion = version {steps['evaluate']['outputs']['version']} (selected this run" in proc.stdout
-    assert set(steps) == {"convert", "s1", "s2", "s3", "evaluate"}
+    assert set(steps) == {"convert", "s1", "s2", "s3", "candidates", "evaluate"}
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("xsam", "champion")
     assert champion.version == steps["evaluate"]["outputs"]["version"]
+    # the DAG scored candidates, not one export: the kept S3 checkpoints, each a version with its lineage,
+    # and the alias went to the best of them by the selection rule
+    found = steps["candidates"]["outputs"]["candidates"]
+    assert len(found) >= 2 and found[-1]["checkpoint"] is None and found[0]["step"] < found[-1]["step"]
+    versions = client.search_model_versions("name = 'xsam'")
+    assert {v.tags["xsam.checkpoint"] for v in versions} == {c["export"] for c in found}
+    assert {v.tags["xsam.candidate.step"] for v in versions} == {str(c["step"]) for c in found}
+    from xsam.eval.selection import _primary_metrics, rank
+
+    order, _ = rank({v.version: _primary_metrics(client, v.run_id) for v in versions})
+    assert champion.version == order[0]
     exp = client.get_experiment_by_name("xsam-local")
     (wf,) = client.search_runs([exp.experiment_id], "tags.`xsam.kind` = 'workflow'")
+    import mlflow.artifacts
+
+    table = mlflow.artifacts.load_dict(f"{wf.info.artifact_uri}/comparison.json")
+    assert len(table["rows"]) == len(found) and table["benchmarks"]
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{wf.info.run_id}'")
-    assert {"convert", "s1", "s2", "s3", "evaluate"} <= {c.data.tags.get("xsam.step") for c in children}
+    assert {"convert", "s1", "s2", "s3", "candidates", "evaluate"} <= {c.data.tags.get("xsam.step") for c in children}
     assert {"s1", "s2", "s3"} <= {c.data.tags.get("xsam.stage") for c in children}  # the training runs nest too
 
 
@@ -71,7 +85,7 @@ def test_rerun_skips_every_step(submitted):
     before = _steps(work)
     proc = subprocess.run([sys.executable, *_args(work)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for step in ("convert", "s1", "s2", "s3", "evaluate"):
+    for step in ("convert", "s1", "s2", "s3", "candidates", "evaluate"):
         assert f"[full_run] {step}: skipped (up to date)" in proc.stdout
     assert _steps(work) == before
     # the champion is read back from the registry, not from the skipped step's record

@@ -119,3 +119,24 @@ def test_missing_annotation_file_fails_the_dataset_naming_it(fx):
     path.unlink()
     _, o = _run(tmp, entries)
     assert o.status == "failed" and path.name in o.error
+
+
+def test_dilation_is_xsams_discs_and_can_be_turned_off(fx):
+    from xsam.data.fixtures.interactive import _discs
+    from xsam.data.readers.interactive import dilate_discs
+
+    rng = np.random.default_rng(0)
+    for radius in (1, 5, 10):
+        mask = rng.random((23, 31)) < 0.02
+        mask[0, 0] = mask[22, 30] = True  # discs clipped at the borders
+        np.testing.assert_array_equal(dilate_discs(mask, radius), _discs(mask, radius))
+    assert not dilate_discs(np.zeros((4, 4), bool), 10).any()
+    tmp, entries, _path, doc = fx
+    raw = entries[DS].model_copy(update={"options": {"point_radius": 0, "scribble_radius": 0}})
+    (o,) = convert([raw], str(tmp / "fx" / "data"), str(tmp / "raw"), log=lambda _: None)
+    assert o.status == "converted"
+    sample = read_split(str(tmp / "raw"), DS, "val")[str(doc[0]["image_info"]["id"])][0]
+    stored = {p.type.value: mask_of(p.mask) for p in sample.visual_prompts if p.segment_id == doc[0]["anns"][0]["id"]}
+    from pycocotools import mask as mask_utils
+    point = mask_utils.decode(doc[0]["anns"][0]["point_visual_prompt_mask"]).astype(bool)
+    np.testing.assert_array_equal(stored["point"], point)  # as stored in the source

@@ -12,11 +12,15 @@ import pytest
 
 from xsam.eval import gcg
 from xsam.eval.gcg import (
+    GCG_MAX_NEW_TOKENS,
     GCGAccumulator,
     caption_scores,
     caption_scores_per_image,
     check_caption_tools,
     greedy_pair_miou,
+    paint_label_map,
+    predicted_masks,
+    skip_reason,
 )
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR / PTB tokenizer need java")
@@ -65,15 +69,70 @@ def test_mask_metrics_hand_case():
     a, b, c = rect(0, 0, 10, 10), rect(20, 20, 40, 40), rect(0, 20, 10, 40)
     acc = GCGAccumulator(caption_metrics=False)
     assert acc.add([b, a], [a, b]) == pytest.approx(1.0)  # order of phrases does not matter
-    assert acc.add([], [c]) == 0.0  # nothing predicted: image scores 0, GT missed for AP
+    assert acc.add([a], [a, c]) == pytest.approx(1.0)  # one of two GT found
     r = acc.result()
     assert set(r) == {"mIoU", "AP50"}
-    assert r["mIoU"] == pytest.approx(50.0)
-    # 2 of 3 GT found at precision 1: 67 of COCO's 101 recall points -> 67 / 101
-    assert r["AP50"] == pytest.approx(100 * 67 / 101)
+    assert r["mIoU"] == pytest.approx(100.0)
+    # 3 of 4 GT found at precision 1: 76 of COCO's 101 recall points -> 76 / 101
+    assert r["AP50"] == pytest.approx(100 * 76 / 101)
     half = GCGAccumulator(caption_metrics=False)  # IoU 0.5 exactly: pairs, and counts at AP50
     half.add([rect(0, 0, 10, 20)], [rect(0, 0, 10, 10)])
     assert half.result() == {"mIoU": pytest.approx(50.0), "AP50": pytest.approx(100.0)}
+
+
+def test_only_images_with_a_predicted_mask_enter_miou_and_ap50():
+    a, c = rect(0, 0, 10, 10), rect(0, 20, 10, 40)
+    acc = GCGAccumulator(caption_metrics=False)
+    acc.add([a], [a])
+    assert acc.add([], [c]) is None  # nothing predicted: left out of both (the original's imgIds)
+    assert acc.add([np.zeros((40, 40), bool)], [c]) is None  # a phrase whose mask is empty: no mask either
+    assert acc.result() == {"mIoU": pytest.approx(100.0), "AP50": pytest.approx(100.0)}
+    assert acc.counts() == {"images": 3, "mask_images": 1, "skipped": 0}
+    none = GCGAccumulator(caption_metrics=False)
+    none.add([], [c])
+    assert none.result()["mIoU"] == 0.0 and math.isnan(none.result()["AP50"])
+    assert math.isnan(GCGAccumulator(caption_metrics=False).result()["mIoU"])
+
+
+def test_phrase_masks_are_painted_into_one_label_map():
+    a, b = rect(0, 0, 10, 20), rect(0, 10, 10, 30)  # overlap on cols 10..19: phrase 1 paints over phrase 0
+    lm = paint_label_map(np.stack([a, b]))
+    assert lm.dtype == np.int64 and set(np.unique(lm)) == {1, 2, 255}
+    assert (lm[:10, :10] == 1).all() and (lm[:10, 10:30] == 2).all() and (lm[10:] == 255).all()
+    masks, labels = predicted_masks(lm)
+    assert labels == [2, 1] and [int(m.sum()) for m in masks] == [200, 100]  # largest first
+    assert not (masks[0] & masks[1]).any()
+    acc = GCGAccumulator(caption_metrics=False)  # the accumulator paints overlapping input itself
+    assert acc.add([a, b], [rect(0, 0, 10, 10), b]) == pytest.approx(1.0)
+    torch = pytest.importorskip("torch")
+    assert np.array_equal(paint_label_map(torch.from_numpy(np.stack([a, b]))).numpy(), lm)
+
+
+def test_skip_rule_and_generation_length():
+    assert GCG_MAX_NEW_TOKENS == 512
+    assert skip_reason("A <p>man</p> on a <p>horse</p>. And <SEG>.<|end|>") is None
+    assert skip_reason("A man on a horse.<|end|> <SEG>") == "no <SEG>"  # after the end token
+    assert skip_reason("A <p>man</p>. <SEG> <SEG>.") == "several <SEG>"
+    assert skip_reason("A man. <SEG>.") == "no phrase"
+    assert skip_reason("A </p>man<p>. <SEG>.") == "no phrase"  # no <p> ... </p> pair
+    assert skip_reason("A <p>man. <SEG>.") == "no phrase"  # never closed
+    seg, p, end_p, end = 7, 5, 6, 2
+    ids = {"seg_id": seg, "p_id": p, "end_p_id": end_p}
+    assert skip_reason([11, p, 12, end_p, 13, seg, end], **ids) is None
+    assert skip_reason([11, p, 12, end_p, 13, seg], **ids) == "no <SEG>"  # the last token is not scanned
+    assert skip_reason([11, p, 12, 13, seg, end], **ids) == "no phrase"
+    with pytest.raises(ValueError):
+        skip_reason([1, 2], seg_id=seg, p_id=p)
+    acc = GCGAccumulator(caption_metrics=False)
+    acc.skip("no <SEG>")
+    acc.skip("no <SEG>")
+    other = GCGAccumulator(caption_metrics=False)
+    other.skip("no phrase")
+    merged = acc + other
+    assert merged.counts() == {"images": 0, "mask_images": 0, "skipped": 3, "skipped/no <SEG>": 2,
+                               "skipped/no phrase": 1}
+    assert len(merged) == 0 and merged.result()["mIoU"] == 0.0  # skipped samples score nothing
+    assert math.isnan(merged.result()["AP50"])
 
 
 def test_empty_ground_truth_image():
@@ -126,10 +185,10 @@ def test_result_computes_captions_once_over_the_merged_split(monkeypatch):
     monkeypatch.setattr(gcg, "caption_scores", fake)
     a, b = GCGAccumulator(), GCGAccumulator()
     a.add([rect(0, 0, 5, 5)], [rect(0, 0, 5, 5)], "first", "ref one")
-    b.add([], [rect(0, 0, 5, 5)], "second", ["ref two", "ref two bis"])
+    b.add([], [rect(0, 0, 5, 5)], "second", ["ref two", "ref two bis"])  # no mask: captions only
     r = (a + b).result()
     assert calls == [(["first", "second"], [["ref one"], ["ref two", "ref two bis"]])]
-    assert r == {"mIoU": pytest.approx(50.0), "AP50": pytest.approx(100 * 51 / 101), "METEOR": 12.5, "CIDEr": 40.0}
+    assert r == {"mIoU": pytest.approx(100.0), "AP50": pytest.approx(100.0), "METEOR": 12.5, "CIDEr": 40.0}
     with pytest.raises(ValueError):
         GCGAccumulator().add([], [], "a caption")  # references are required with caption metrics
 

@@ -1,4 +1,5 @@
-"""InstanceAccumulator: parity with pycocotools, hand-made AP cases, crowd, empty images, merging."""
+"""InstanceAccumulator: parity with pycocotools, hand-made AP cases, the original's GT protocol (crowd
+dropped, images without GT skipped) and pycocotools' (crowd ignored, every image counted), merging."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from xsam.eval.instance import METRIC_NAMES, InstanceAccumulator, to_rle
+from xsam.eval.instance import METRIC_NAMES, InstanceAccumulator, to_rle, vgd_ground_truth
+
+COCO_CONVENTION = {"crowd": "ignore", "images_without_gt": "count"}
 
 H, W = 120, 160
 
@@ -48,7 +51,8 @@ def _random_split(seed, n_images=8, cats=(1, 2, 3)):
 
 
 def _pycocotools_direct(images, cats):
-    """The textbook pycocotools path: COCO json dicts, loadRes, COCOeval.summarize()."""
+    """The textbook pycocotools path: COCO json dicts, loadRes, COCOeval.summarize() (the original's
+    path too, on the GT it builds)."""
     ds = {"images": [], "annotations": [], "categories": [{"id": c} for c in cats]}
     results = []
     for i, (gts, preds) in enumerate(images, start=1):
@@ -75,12 +79,16 @@ def _pycocotools_direct(images, cats):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_parity_with_pycocotools(seed):
+@pytest.mark.parametrize("protocol", ["original", "pycocotools"])
+def test_parity_with_pycocotools(seed, protocol):
     cats = (1, 2, 3)
     images = _random_split(seed, cats=cats)
-    acc = InstanceAccumulator(cats)
+    acc = InstanceAccumulator(cats) if protocol == "original" else InstanceAccumulator(cats, **COCO_CONVENTION)
     for gts, preds in images:
         acc.add(gts, preds)
+    if protocol == "original":  # what the original's GT holds: no crowd, no image without annotations
+        images = [([g for g in gts if not g["iscrowd"]], preds) for gts, preds in images]
+        images = [(gts, preds) for gts, preds in images if gts]
     ours, ref = acc.result(), _pycocotools_direct(images, cats)
     assert set(ours) == set(METRIC_NAMES)
     for k in METRIC_NAMES:
@@ -98,6 +106,7 @@ def test_merge_equals_single_pass():
         whole.add(gts, preds)
         parts[i // 3].add(gts, preds)  # consecutive chunks, merged in order
     np.testing.assert_equal(sum(parts).result(), whole.result())  # NaN == NaN here
+    assert sum(parts).counts() == whole.counts() and whole.counts()["dropped_crowd"] > 0
     shipped = pickle.loads(pickle.dumps(parts[0]))  # what Ray does between tasks
     np.testing.assert_equal((shipped + parts[1] + parts[2]).result(), whole.result())
 
@@ -117,39 +126,99 @@ def test_perfect_prediction_is_100():
 def test_empty_prediction_is_zero():
     acc = InstanceAccumulator([1])
     acc.add([{"mask": rect(0, 0, 40, 40), "category_id": 1}], [])
-    acc.add([], [])
+    assert acc.add([], []) is False  # no ground truth: skipped
     assert acc.result()["AP"] == 0.0 and acc.result()["AP50"] == 0.0
 
 
 def test_no_ground_truth_anywhere_is_nan():
-    acc = InstanceAccumulator([1])
-    acc.add([], [{"mask": rect(0, 0, 10, 10), "category_id": 1, "score": 1.0}])
-    assert all(math.isnan(v) for v in acc.result().values())
+    for kwargs in ({}, COCO_CONVENTION):
+        acc = InstanceAccumulator([1], **kwargs)
+        acc.add([], [{"mask": rect(0, 0, 10, 10), "category_id": 1, "score": 1.0}])
+        assert all(math.isnan(v) for v in acc.result().values())
     assert all(math.isnan(v) for v in InstanceAccumulator([1]).result().values())
 
 
 @pytest.mark.parametrize("fp_score, expected", [(0.1, 100.0), (0.9, 50.0)])
 def test_false_positive_on_image_without_ground_truth(fp_score, expected):
-    acc = InstanceAccumulator([1])
     m = rect(20, 20, 80, 80)
-    acc.add([{"mask": m, "category_id": 1}], [{"mask": m, "category_id": 1, "score": 0.5}])
-    acc.add([], [{"mask": m, "category_id": 1, "score": fp_score}])
-    # ranked FP first: precision 1/2 at recall 1 -> AP 50; ranked last it costs nothing
-    assert acc.result()["AP50"] == pytest.approx(expected)
+    coco, original = InstanceAccumulator([1], **COCO_CONVENTION), InstanceAccumulator([1])
+    for acc in (coco, original):
+        acc.add([{"mask": m, "category_id": 1}], [{"mask": m, "category_id": 1, "score": 0.5}])
+        acc.add([], [{"mask": m, "category_id": 1, "score": fp_score}])
+    # pycocotools: ranked FP first, precision 1/2 at recall 1 -> AP 50; ranked last it costs nothing
+    assert coco.result()["AP50"] == pytest.approx(expected)
+    # the original never evaluates an image without annotations: its predictions do not count
+    assert original.result()["AP50"] == pytest.approx(100.0)
+    assert original.counts() == {"images": 1, "skipped_images": 1, "dropped_crowd": 0}
 
 
-def test_crowd_ground_truth_is_ignored():
+def test_crowd_ground_truth_is_dropped_as_the_original():
     person, crowd = rect(0, 0, 50, 50), rect(60, 60, 120, 160)
     gts = [{"mask": person, "category_id": 1}, {"mask": crowd, "category_id": 1, "iscrowd": 1}]
-    acc = InstanceAccumulator([1])  # a confident detection on the crowd region, and the person
+    preds = [{"mask": crowd, "category_id": 1, "score": 0.9}, {"mask": person, "category_id": 1, "score": 0.5}]
+    acc = InstanceAccumulator([1])  # a confident detection on the crowd region, then the person
+    acc.add(gts, preds)
+    # crowd dropped from the GT: the crowd detection is a false positive ranked first -> AP50 50
+    assert acc.result()["AP50"] == pytest.approx(50.0) and acc.counts()["dropped_crowd"] == 1
+    assert acc.add([gts[1]], preds) is False  # only a crowd region left: no GT, image skipped
+    missed = InstanceAccumulator([1])  # the crowd not detected: not a missed positive
+    missed.add(gts, [preds[1]])
+    assert missed.result()["AP"] == pytest.approx(100)
+
+
+def test_crowd_ground_truth_is_ignored_with_the_pycocotools_convention():
+    person, crowd = rect(0, 0, 50, 50), rect(60, 60, 120, 160)
+    gts = [{"mask": person, "category_id": 1}, {"mask": crowd, "category_id": 1, "iscrowd": 1}]
+    acc = InstanceAccumulator([1], **COCO_CONVENTION)
     acc.add(gts, [{"mask": crowd, "category_id": 1, "score": 0.9}, {"mask": person, "category_id": 1, "score": 0.5}])
     assert acc.result()["AP"] == pytest.approx(100)  # not a false positive
-    missed = InstanceAccumulator([1])  # the crowd not detected: not a missed positive either
+    missed = InstanceAccumulator([1], **COCO_CONVENTION)  # the crowd not detected: not a missed positive either
     missed.add(gts, [{"mask": person, "category_id": 1, "score": 0.5}])
     assert missed.result()["AP"] == pytest.approx(100)
-    not_crowd = InstanceAccumulator([1])
+    not_crowd = InstanceAccumulator([1], **COCO_CONVENTION)
     not_crowd.add([dict(g, iscrowd=0) for g in gts], [{"mask": person, "category_id": 1, "score": 0.5}])
     assert not_crowd.result()["AP"] < 60
+
+
+def test_given_area_decides_the_size_range():
+    m = rect(0, 0, 30, 30)  # 900 px: small (< 32^2)
+    acc = InstanceAccumulator([1])
+    acc.add([{"mask": m, "category_id": 1, "area": 2000.0}], [{"mask": m, "category_id": 1, "score": 1.0}])
+    r = acc.result()
+    assert math.isnan(r["APs"]) and r["APm"] == pytest.approx(100)  # GT counted as medium by its `area`
+
+
+def test_all_query_class_pairs_compete_under_max_dets_per_category():
+    # COCOeval's maxDets=100 holds per image AND category: 150 detections over two classes all count
+    gts = [{"mask": rect(0, 0, 10, 10), "category_id": 1}, {"mask": rect(50, 50, 60, 60), "category_id": 2}]
+    preds = [{"mask": rect(100, 100, 110, 110), "category_id": 1 + i % 2, "score": 0.9} for i in range(148)]
+    preds += [{"mask": g["mask"], "category_id": g["category_id"], "score": 0.1} for g in gts]
+    acc = InstanceAccumulator([1, 2])
+    acc.add(gts, preds)
+    assert acc.result()["AP50"] > 0  # the true detections, ranked 149th / 150th, are still seen
+
+
+def test_vgd_ground_truth_keeps_segments_with_a_prompt_of_the_type():
+    from xsam.data import masks
+    from xsam.data.schema import ImageInfo, Provenance, Sample, Segment, VisualPrompt
+
+    def seg(i, cat, m, crowd=0):
+        rle = masks.encode(m)
+        area, bbox = masks.area_bbox(rle)
+        return Segment(id=i, category_id=cat, iscrowd=crowd, bbox=tuple(bbox), area=area, mask=rle)
+
+    a, b, c = rect(0, 0, 10, 10), rect(20, 20, 40, 40), rect(50, 50, 60, 60)
+    sample = Sample(dataset="d", split="val", task="vgd", label_space="x",
+                    image=ImageInfo(id="1", file_name="1.jpg", width=W, height=H, format="jpg"),
+                    segments=[seg(1, 7, a), seg(2, 7, b), seg(3, 9, c, crowd=1)],
+                    visual_prompts=[VisualPrompt(type="point", mask=masks.encode(a), segment_id=1),
+                                    VisualPrompt(type="box", mask=masks.encode(b), segment_id=2),
+                                    VisualPrompt(type="point", mask=masks.encode(c), segment_id=3)],
+                    provenance=Provenance(source_file="f", source_id="1", reader="r", reader_version=1))
+    point = vgd_ground_truth(sample, "point")
+    assert [(g["category_id"], g["area"]) for g in point] == [(7, 100)]  # segment 2 has no point prompt; 3 is crowd
+    assert [g["category_id"] for g in vgd_ground_truth(sample, "box")] == [7]
+    assert vgd_ground_truth(sample, "scribble") == []
 
 
 def test_class_agnostic_ignores_categories():
@@ -173,3 +242,7 @@ def test_rejects_bad_input():
         InstanceAccumulator([1]) + InstanceAccumulator(class_agnostic=True)
     with pytest.raises(ValueError):
         InstanceAccumulator()
+    with pytest.raises(ValueError):
+        InstanceAccumulator([1]) + InstanceAccumulator([1], **COCO_CONVENTION)
+    with pytest.raises(ValueError):
+        InstanceAccumulator([1], crowd="keep")

@@ -1,4 +1,7 @@
-"""Post-processing on hand-made logits with known answers, and the un-padding geometry."""
+"""Post-processing on hand-made logits with known answers, and the un-padding geometry.
+
+The original's rules (panoptic fusion, semantic resize order, interactive pick, GCG painting) have
+their own hand-made cases in test_postprocess_protocol.py."""
 
 import math
 
@@ -55,60 +58,6 @@ def test_scaled_size_must_fit():
         pp.resize_to_original(torch.zeros(1, 4, 4), (40, 16), (40, 16))
 
 
-# ------------------------------------------------------------------ panoptic
-
-
-def _panoptic_case():
-    """8x8 low-res masks, frame = image = 64 x 64. Classes: 0 thing, 1 stuff, 2 stuff; 3 = background."""
-    regions = [
-        (slice(0, 4), slice(0, 6)),  # q0 thing, top, cols 0..5
-        (slice(4, 6), slice(None)),  # q1 stuff class 1, rows 4..5
-        (slice(6, 8), slice(None)),  # q2 stuff class 1, rows 6..7 -> fused with q1
-        (slice(0, 4), slice(4, 8)),  # q3 stuff class 2, half hidden under q0 -> dropped at 0.8
-        (slice(None), slice(None)),  # q4 background: must not claim anything
-    ]
-    cls = _cls([[0.9, 0.04, 0.03, 0.03],
-                [0.02, 0.8, 0.1, 0.08],
-                [0.02, 0.7, 0.2, 0.08],
-                [0.1, 0.05, 0.6, 0.25],
-                [0.1, 0.1, 0.1, 0.7]])
-    return cls, _masks(5, 8, regions)
-
-
-def _at_centres(seg):
-    """The label at each low-res pixel centre: [8, 8]."""
-    return seg[4::8, 4::8]
-
-
-def test_panoptic_stuff_fusion_and_overlap_drop():
-    cls, masks = _panoptic_case()
-    seg, segments = pp.panoptic(cls, masks, (64, 64), (64, 64), is_thing=[True, False, False])
-    assert seg.shape == (64, 64)
-    assert [(s["id"], s["category_id"], s["isthing"]) for s in segments] == [(1, 0, True), (2, 1, False)]
-    assert segments[0]["score"] == pytest.approx(0.9, rel=1e-5)
-    assert segments[1]["score"] == pytest.approx(0.8, rel=1e-5)  # the first query of the fused stuff
-    expected = torch.zeros(8, 8, dtype=torch.int32)
-    expected[:4, :6] = 1
-    expected[4:] = 2  # q1 and q2 fused into one segment
-    # q3 (class 2) won only cols 6..7 of rows 0..3 = 1/2 of its area < 0.8 -> dropped -> void
-    assert torch.equal(_at_centres(seg), expected)
-    assert (seg != expected.repeat_interleave(8, 0).repeat_interleave(8, 1)).sum() < 40  # only corners
-
-
-def test_panoptic_lower_overlap_threshold_keeps_the_occluded_query():
-    cls, masks = _panoptic_case()
-    seg, segments = pp.panoptic(cls, masks, (64, 64), (64, 64), is_thing=[True, False, False],
-                                overlap_threshold=0.4)
-    assert [(s["id"], s["category_id"]) for s in segments] == [(1, 0), (2, 1), (3, 2)]
-    assert _at_centres(seg)[:4, 6:].eq(3).all()
-
-
-def test_panoptic_all_background_is_void():
-    cls = _cls([[0.1, 0.9], [0.2, 0.8]])
-    seg, segments = pp.panoptic(cls, torch.full((2, 4, 4), L), (32, 32), (16, 16), is_thing=[True])
-    assert segments == [] and seg.shape == (16, 16) and not seg.any()
-
-
 # ------------------------------------------------------------------ instance / vgd / semantic
 
 
@@ -123,7 +72,8 @@ def test_instance_score_is_class_prob_times_mean_mask_prob():
     assert out["masks"].shape == (4, 16, 12) and out["masks"].dtype == torch.bool
     assert out["masks"][0].all() and out["masks"][1].all() and not out["masks"][2:].any()
     assert len(pp.instance(cls, masks, (32, 24), (16, 12), top_k=2)["scores"]) == 2
-    assert len(pp.instance(cls, masks, (32, 24), (16, 12), top_k=100)["scores"]) == 6  # Q * K pairs
+    assert len(pp.instance(cls, masks, (32, 24), (16, 12), top_k=100)["scores"]) == 6  # capped at Q * K pairs
+    assert len(pp.instance(cls, masks, (32, 24), (16, 12))["scores"]) == 3  # default: Q pairs, as the original
     vgd = pp.vgd(cls, masks, (32, 24), (16, 12), top_k=4)
     assert torch.equal(vgd["scores"], out["scores"]) and torch.equal(vgd["masks"], out["masks"])
 
@@ -176,25 +126,3 @@ def test_gcg_best_query_per_phrase():
     assert out.shape == (2, 32, 32) and out.dtype == torch.bool
     assert out[0, 16:24].all() and out[0].sum() == 8 * 32
     assert out[1, 0:8].all() and out[1].sum() == 8 * 32
-
-
-def test_interactive_pick_by_iou_with_prompt():
-    masks = _three_stripes()
-    prompt = torch.zeros(32, 32, dtype=torch.bool)
-    prompt[16:24, 4:28] = True  # matches q2 best, q1 / q0 not at all
-    cls = _cls([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]])
-    out = pp.interactive(cls, masks, (32, 32), (32, 32), prompt)
-    assert out[16:24].all() and out.sum() == 8 * 32
-    # q2 below the 0.5 score threshold: the best-IoU among q0 and q1 (both 0: first kept, q0)
-    cls = _cls([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6]])
-    out = pp.interactive(cls, masks, (32, 32), (32, 32), prompt)
-    assert out[0:8].all() and out.sum() == 8 * 32
-    prompt2 = torch.zeros(32, 32, dtype=torch.bool)
-    prompt2[8:12] = True  # overlaps q1
-    assert pp.interactive(cls, masks, (32, 32), (32, 32), prompt2)[8:16].all()
-    # nobody >= 0.5: the max-score query only, whatever its IoU
-    cls = _cls([[0.3, 0.7], [0.45, 0.55], [0.4, 0.6]])
-    out = pp.interactive(cls, masks, (32, 32), (32, 32), prompt)
-    assert out[8:16].all() and out.sum() == 8 * 32
-    with pytest.raises(ValueError):
-        pp.interactive(cls, masks, (32, 32), (32, 32), torch.zeros(16, 16, dtype=torch.bool))

@@ -76,6 +76,7 @@ def test_three_stages_chain_and_learn_in_bf16(env, zero):
     s3_losses = _history(s3)
     assert len(s3_losses) == 6 and all(map(math.isfinite, s3_losses)), s3_losses
     _predict_in_bf16(runs / f"z{zero}-s3" / "export")
+    _kept_checkpoints_become_candidates(runs / f"z{zero}-s3")
     manifest = json.loads((runs / f"z{zero}-s3" / "export" / "manifest.json").read_text())
     assert manifest["stage"] == "s3" and manifest["train_config"]["zero_stage"] == zero
     init = manifest["init_reports"]
@@ -114,6 +115,31 @@ def _predict_in_bf16(export):
         pred = predict(model, tok, image, task, prompt)
         assert all(np.asarray(m).shape == (48, 64) for m in pred.masks), task
         assert all(math.isfinite(s) for s in pred.scores), task
+
+
+def _kept_checkpoints_become_candidates(run_dir):
+    """Every kept checkpoint but the final one is exported on demand (xsam.train.candidates): the
+    consolidated DeepSpeed weights in the run's dtype, loadable for prediction; a rerun reuses it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from xsam.model.export import load_export
+    from xsam.train.candidates import candidates, kept_checkpoints
+
+    kept = kept_checkpoints(str(run_dir))
+    assert [step for step, _ in kept] == [4, 6]  # checkpoint_every=2, keep_checkpoints=2, 6 steps
+    found = candidates(str(run_dir), str(run_dir / "export"), final_step=6)
+    assert [(c.step, c.checkpoint) for c in found] == [(4, kept[0][1]), (6, None)]
+    state, manifest = load_export(found[0].export)
+    assert manifest["stage"] == "s3" and manifest["candidate"]["step"] == 4
+    zero_state = get_fp32_state_dict_from_zero_checkpoint(kept[0][1], tag="ds")
+    final, _ = load_export(found[1].export)
+    assert set(state) == set(final)
+    assert all(torch.equal(v, zero_state[k].to(torch.bfloat16)) for k, v in state.items())
+    assert any(not torch.equal(v, final[k]) for k, v in state.items())  # step 4 is not the final weights
+    _predict_in_bf16(found[0].export)
+    stamp = (Path(found[0].export) / "manifest.json").stat().st_mtime_ns
+    assert candidates(str(run_dir), str(run_dir / "export"), final_step=6) == found
+    assert (Path(found[0].export) / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rewritten
 
 
 def test_exported_checkpoint_equals_the_deepspeed_checkpoint(env):

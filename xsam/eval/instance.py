@@ -1,24 +1,36 @@
-"""Instance segmentation AP (COCO ``segm``) as a mergeable accumulator.
+"""Instance segmentation AP (COCO ``segm``) as a mergeable accumulator, with the original X-SAM protocol.
 
 Per image, `InstanceAccumulator.add` takes the ground-truth instances and the predicted instances;
 `result()` builds in-memory COCO objects and runs pycocotools' ``COCOeval(iouType="segm")`` with its
-default parameters (10 IoU thresholds 0.50:0.95, 101 recall points, maxDets 100, COCO area ranges).
-The numbers are the ones ``COCOeval.summarize()`` prints, in percent:
+default parameters (10 IoU thresholds 0.50:0.95, 101 recall points, maxDets 100 per image and
+category, COCO area ranges). The numbers are the ones ``COCOeval.summarize()`` prints, in percent:
 
     AP    IoU 0.50:0.95, all areas          AP50  IoU 0.50          AP75  IoU 0.75
     APs   small  (area < 32^2)              APm   medium            APl   large (area > 96^2)
 
-Conventions (those of pycocotools, kept on purpose):
-- crowd ground truth (``iscrowd=1``) is ignored: a prediction matched to it is neither a true nor a
-  false positive, and it does not count as a positive to recall;
-- a category with ground truth in the split but no prediction has AP 0; a category with no
-  (non-crowd) ground truth in the split is left out of the mean;
-- a metric COCO leaves undefined (``-1``: no ground truth at all, or none in an area range) is NaN here;
-- images with no ground truth still count: their predictions are false positives.
+Ground truth, by default as the original evaluates COCO instances and VGD (genseg_dataset.py
+`_load_ann_data` and vgdseg_dataset.py `_process_batch_data` skip ``iscrowd`` annotations and images
+left without annotations; genseg / vgdseg evaluators build the COCO GT from what remains):
 
-``class_agnostic=True`` maps every ground truth and prediction to one category (GCG AP50, and VGD
-where the caller keeps one accumulator per prompt type). Merging two accumulators with ``+``
-concatenates their images, so ``a + b`` gives the same numbers as adding all images to one.
+- ``crowd="drop"``: crowd ground truth is REMOVED (a prediction on a crowd region is a false
+  positive). ``crowd="ignore"`` is pycocotools' convention instead (neither TP nor FP, not a
+  positive to recall);
+- ``images_without_gt="skip"``: an image with no (non-crowd) ground truth is not evaluated at all,
+  its predictions are not counted (the original never runs it). ``"count"``: its predictions are
+  false positives (pycocotools on a GT file that lists the image);
+- the GT ``area`` (COCO's small / medium / large ranges) is the dict's ``area`` when given, else the
+  mask's pixel count. (The original computes it from the segmentation: the polygon's shoelace area
+  for polygons; the shards keep only the rasterised mask, so its pixel count is used. Only
+  APs / APm / APl can differ, for objects at the 32^2 / 96^2 boundaries.)
+
+Other conventions (pycocotools'): a category with ground truth in the split but no prediction has
+AP 0; a category without ground truth is left out of the mean; a metric COCO leaves undefined
+(``-1``) is NaN here.
+
+``class_agnostic=True`` maps every ground truth and prediction to one category (GCG AP50).
+Merging two accumulators with ``+`` concatenates their images, so ``a + b`` gives the same numbers
+as adding all images to one. `counts()` reports the images evaluated / skipped and the crowd
+regions dropped.
 
 Masks are COCO RLE dicts (``{"size": [h, w], "counts": str|bytes}``), `xsam.data.schema.RLE`
 objects, or (H, W) bool / uint8 arrays (encoded here).
@@ -30,7 +42,7 @@ import contextlib
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -40,6 +52,8 @@ from pycocotools.cocoeval import COCOeval
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 PRIMARY_METRIC = "AP"
 _AGNOSTIC_CATEGORY = 1
+Crowd = Literal["drop", "ignore"]
+ImagesWithoutGT = Literal["skip", "count"]
 
 
 def to_rle(mask: Any) -> dict:
@@ -75,13 +89,22 @@ class InstanceAccumulator:
     """COCO segm AP over a split, accumulated image by image.
 
     categories: the split's category ids (ints); ignored with ``class_agnostic=True``.
+    crowd / images_without_gt: the ground-truth protocol (module docstring); the defaults are the
+    original X-SAM's (crowd dropped, images without ground truth skipped).
     """
 
     metric_names = METRIC_NAMES
     primary_metric = PRIMARY_METRIC
 
-    def __init__(self, categories: Iterable[int] | None = None, class_agnostic: bool = False):
+    def __init__(self, categories: Iterable[int] | None = None, class_agnostic: bool = False,
+                 crowd: Crowd = "drop", images_without_gt: ImagesWithoutGT = "skip"):
+        if crowd not in ("drop", "ignore"):
+            raise ValueError(f"crowd must be 'drop' or 'ignore', got {crowd!r}")
+        if images_without_gt not in ("skip", "count"):
+            raise ValueError(f"images_without_gt must be 'skip' or 'count', got {images_without_gt!r}")
         self.class_agnostic = bool(class_agnostic)
+        self.crowd = crowd
+        self.images_without_gt = images_without_gt
         if self.class_agnostic:
             self.categories: tuple[int, ...] = (_AGNOSTIC_CATEGORY,)
         else:
@@ -91,8 +114,10 @@ class InstanceAccumulator:
             if not self.categories:
                 raise ValueError("categories is empty")
         self._category_set = frozenset(self.categories)
-        # one entry per image: (height, width) or None when the image has no mask, gts, preds
+        # one entry per evaluated image: (height, width) or None when the image has no mask, gts, preds
         self._images: list[tuple[tuple[int, int] | None, list[dict], list[dict]]] = []
+        self.skipped_images = 0  # images without (non-crowd) ground truth, with images_without_gt="skip"
+        self.dropped_crowd = 0  # crowd regions removed from the ground truth, with crowd="drop"
 
     def __len__(self) -> int:
         return len(self._images)
@@ -105,23 +130,25 @@ class InstanceAccumulator:
             raise ValueError(f"category_id {cat} is not one of the accumulator's categories")
         return cat
 
-    def add(self, gts: Sequence[Mapping], preds: Sequence[Mapping]) -> None:
-        """Add one image.
+    def add(self, gts: Sequence[Mapping], preds: Sequence[Mapping]) -> bool:
+        """Add one image; returns False when the protocol skips it (no ground truth left).
 
         gts:   [{"mask": ..., "category_id": int, "iscrowd": 0|1 (default 0), "area": (default: mask area)}]
         preds: [{"mask": ..., "category_id": int, "score": float (default 1.0)}]
-        ``category_id`` may be left out with ``class_agnostic=True``.
+        ``category_id`` may be left out with ``class_agnostic=True``. Everything is validated (sizes,
+        categories, scores) before the image is skipped or recorded.
         """
-        gt_records = []
+        gt_records, dropped_records = [], []
         for g in gts:
             rle = to_rle(g["mask"])
             area = g.get("area")
-            gt_records.append({
+            record = {
                 "segmentation": rle,
                 "category_id": self._category(g),
                 "iscrowd": int(bool(g.get("iscrowd", 0))),
                 "area": float(mask_utils.area(rle) if area is None else area),
-            })
+            }
+            (dropped_records if record["iscrowd"] and self.crowd == "drop" else gt_records).append(record)
         dt_records = []
         for p in preds:
             rle = to_rle(p["mask"])
@@ -134,19 +161,32 @@ class InstanceAccumulator:
                 "score": score,
                 "area": float(mask_utils.area(rle)),
             })
-        size = _check_size(dt_records, _check_size(gt_records, None))
+        size = _check_size(dt_records, _check_size(gt_records, _check_size(dropped_records, None)))
+        self.dropped_crowd += len(dropped_records)
+        if not any(not g["iscrowd"] for g in gt_records) and self.images_without_gt == "skip":
+            self.skipped_images += 1
+            return False
         self._images.append((size, gt_records, dt_records))
+        return True
+
+    def counts(self) -> dict[str, int]:
+        """{"images": evaluated, "skipped_images": without ground truth, "dropped_crowd": crowd regions}."""
+        return {"images": len(self._images), "skipped_images": self.skipped_images,
+                "dropped_crowd": self.dropped_crowd}
 
     def _check_compatible(self, other: InstanceAccumulator) -> None:
         if not isinstance(other, InstanceAccumulator):
             raise TypeError(f"cannot merge InstanceAccumulator with {type(other).__name__}")
-        if other.class_agnostic != self.class_agnostic or other.categories != self.categories:
-            raise ValueError("cannot merge InstanceAccumulators with different categories / modes")
+        if (other.class_agnostic, other.categories, other.crowd, other.images_without_gt) != (
+                self.class_agnostic, self.categories, self.crowd, self.images_without_gt):
+            raise ValueError("cannot merge InstanceAccumulators with different categories / modes / protocols")
 
     def __add__(self, other: InstanceAccumulator) -> InstanceAccumulator:
         self._check_compatible(other)
-        out = InstanceAccumulator(self.categories, self.class_agnostic)
+        out = InstanceAccumulator(self.categories, self.class_agnostic, self.crowd, self.images_without_gt)
         out._images = self._images + other._images
+        out.skipped_images = self.skipped_images + other.skipped_images
+        out.dropped_crowd = self.dropped_crowd + other.dropped_crowd
         return out
 
     def __radd__(self, other: Any) -> InstanceAccumulator:
@@ -217,3 +257,21 @@ def summarize_segm(ev: COCOeval) -> dict[str, float]:
         "APm": _mean_precision(ev, None, "medium"),
         "APl": _mean_precision(ev, None, "large"),
     }
+
+
+def vgd_ground_truth(sample: Any, prompt_type: Any) -> list[dict]:
+    """The original's VGD ground truth of one sample for one prompt type (vgdseg_dataset.py
+    `_load_ann_data`, eval branch): the non-crowd segments that carry a NON-EMPTY visual prompt of
+    that type, as `add` gt dicts {"mask", "category_id", "iscrowd": 0, "area"}; the prompted
+    categories are exactly theirs. `sample` is an `xsam.data.schema.Sample`; an empty list means the
+    original does not evaluate the image for this type."""
+    from xsam.data.schema import PromptType
+
+    ptype = PromptType(prompt_type)
+    prompted = {vp.segment_id for vp in sample.visual_prompts if vp.type is ptype and _rle_area(vp.mask) > 0}
+    return [{"mask": s.mask.model_dump(), "category_id": s.category_id, "iscrowd": 0, "area": s.area}
+            for s in sample.segments if s.id in prompted and not s.iscrowd]
+
+
+def _rle_area(rle: Any) -> int:
+    return int(mask_utils.area(to_rle(rle)))

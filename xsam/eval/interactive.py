@@ -6,6 +6,12 @@ IoU (= gIoU, empty union counts 1.0) and cIoU pools intersections and unions. Re
 ``"<type>/miou"`` and ``"<type>/ciou"`` for every type that has samples (types come from the fixed
 `PromptType` enum, never from data), plus ``"miou"`` / ``"ciou"`` over all samples of all types.
 The paper reports the per-type mIoU (point 65.4, box 70.0); the primary metric is the pooled mIoU.
+
+The original's protocol upstream of this accumulator: the prediction of one prompt is
+`xsam.model.postprocess.interactive` (score = class probability x mean in-mask probability, keep
+score >= 0.5 or the best, pick by BOX IoU with the prompt's box; intseg_process_fn.py), and the point
+/ scribble prompts are dilated into discs of radius 10 / 5 when PSALM's file is read (the
+`psalm_interactive` reader, as X-SAM's IntSegDataset does), so the shards hold the prompts X-SAM uses.
 """
 
 from __future__ import annotations

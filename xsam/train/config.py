@@ -152,6 +152,7 @@ def load_profile(path: str | Path, stage: str, overrides: list[str] | None = Non
     path = Path(path)
     doc = yaml.safe_load(path.read_text()) or {}
     stages = doc.pop("stages", {}) or {}
+    doc.pop("sweep", None)  # the workflow's S3 sweep (load_sweep), not a training setting
     if stage not in stages:
         raise ValueError(f"{path}: no stages.{stage} section (has: {', '.join(sorted(stages)) or 'none'})")
     _check_keys(doc, str(path))
@@ -161,6 +162,31 @@ def load_profile(path: str | Path, stage: str, overrides: list[str] | None = Non
     if "betas" in merged:
         merged["betas"] = tuple(merged["betas"])
     return TrainConfig(**merged)
+
+
+def load_sweep(path: str | Path) -> dict | None:
+    """The profile's optional `sweep:` section: a grid of S3 settings the workflow trains one Ray Tune trial
+    per point of (each trial a Ray Train run) and scores as selection candidates.
+
+        sweep:
+          grid: {lr: [2.0e-5, 4.0e-5], balance_t: [0.1]}   # TrainConfig fields -> values
+          max_concurrent_trials: 1
+
+    -> {"grid": {field: [values]}, "max_concurrent_trials": int}, or None without the section."""
+    path = Path(path)
+    sweep = (yaml.safe_load(path.read_text()) or {}).get("sweep")
+    if not sweep:
+        return None
+    unknown = sorted(set(sweep) - {"grid", "max_concurrent_trials"})
+    grid = sweep.get("grid") or {}
+    if unknown or not isinstance(grid, dict) or not grid:
+        raise ValueError(f"{path}: sweep needs a non-empty `grid` mapping (and optionally max_concurrent_trials)"
+                         + (f"; unknown keys {unknown}" if unknown else ""))
+    _check_keys(grid, f"{path}: sweep.grid")
+    bad = sorted(k for k, v in grid.items() if not isinstance(v, list) or not v)
+    if bad:
+        raise ValueError(f"{path}: sweep.grid values must be non-empty lists: {bad}")
+    return {"grid": grid, "max_concurrent_trials": int(sweep.get("max_concurrent_trials", 1))}
 
 
 def profile_path(name_or_path: str) -> Path:

@@ -12,6 +12,7 @@ from xsam.data.readers.labelme import LabelmeReader
 from xsam.data.readers.llava import LlavaReader
 from xsam.data.readers.refer import ReferReader
 from xsam.data.readers.semantic import Ade20kReader, SemanticPngReader
+from xsam.data.readers.xsam_vgd import XsamVgdReader
 
 READERS: dict[str, type[Reader]] = {
     cls.format: cls
@@ -29,6 +30,7 @@ READERS: dict[str, type[Reader]] = {
         GcgFlickrReader,
         GcgEvalReader,
         PsalmInteractiveReader,
+        XsamVgdReader,
     )
 }
 

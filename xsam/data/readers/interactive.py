@@ -9,17 +9,22 @@ The source is a JSON list, one entry per image::
 
 One sample per image (entries repeating an image id are merged): `segments` from the annotations
 (id = annotation id, COCO category ids), `visual_prompts` one per (annotation, prompt type present),
-aimed at its annotation by `segment_id`. The prompts are stored as the source draws them: X-SAM
-dilates point and scribble prompts into discs when it reads them, and the evaluation expands one
-query per (annotation, prompt type); both belong to the loader. A prompt whose mask is empty is
-dropped (the X-SAM evaluation skips it too).
+aimed at its annotation by `segment_id`. A prompt whose mask is empty is dropped (the X-SAM
+evaluation skips it too). Point and scribble prompts are dilated as X-SAM reads PSALM's file
+(intseg_dataset.py `_process_visual_prompts`: `enhance_with_circles`, radius `point_radius` = 10 /
+`scribble_radius` = 5 of vgdseg_dataset.py): every prompt pixel becomes a disc of that radius
+(pixels at Euclidean distance <= r), options `point_radius` / `scribble_radius` (0: as stored).
+Box and mask prompts are stored as the source draws them. The evaluation expands one query per
+(annotation, prompt type); that belongs to the loader.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage
 
 from xsam.data import masks
 from xsam.data.errors import SampleError, SourceError
@@ -32,6 +37,23 @@ from xsam.data.text import clean_text
 class PsalmInteractiveSplit(SplitSpec):
     annotations: str  # PSALM COCO-Interactive JSON list
     images: str  # image folder
+
+
+class PsalmInteractiveOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    point_radius: int = Field(default=10, ge=0)  # disc radius of point prompts (X-SAM's IntSegDataset)
+    scribble_radius: int = Field(default=5, ge=0)  # disc radius of scribble prompts
+
+
+def dilate_discs(mask: np.ndarray, radius: int) -> np.ndarray:
+    """(H, W) bool -> (H, W) bool: the union of the discs of `radius` (Euclidean distance <= radius,
+    clipped to the image) around every set pixel; X-SAM's `enhance_with_circles`. radius 0 or an
+    empty mask: the mask itself."""
+    mask = np.asarray(mask, bool)
+    if radius <= 0 or not mask.any():
+        return mask.copy()
+    # exact distances to the nearest set pixel; sqrt(d2) <= r  <=>  d2 <= r^2 for integer d2 and r
+    return ndimage.distance_transform_edt(~mask) <= radius
 
 
 def _prompt_key(kind: PromptType) -> str:
@@ -72,8 +94,9 @@ def _raw_image_id(raw: Any, index: int) -> str:
 
 class PsalmInteractiveReader(Reader):
     format = "psalm_interactive"
-    version = 1
+    version = 2  # 2: point / scribble prompts dilated as X-SAM reads them
     Split = PsalmInteractiveSplit
+    Options = PsalmInteractiveOptions
 
     def plan(self) -> Plan:
         file = self.path(self.spec.annotations)
@@ -139,6 +162,10 @@ class PsalmInteractiveReader(Reader):
                 prompt = masks.rle_from_source(ann["prompts"][kind.value], h, w, field=field)
                 if masks.area_bbox(prompt)[0] == 0:
                     continue
+                radius = {PromptType.point: self.options.point_radius,
+                          PromptType.scribble: self.options.scribble_radius}.get(kind, 0)
+                if radius:
+                    prompt = masks.encode(dilate_discs(masks.decode(prompt), radius))
                 prompts.append(VisualPrompt(type=kind, mask=prompt, segment_id=ann["id"]))
         image = self.image_info(p["image_id"], p["file_name"], info)
         return image_bytes, self.sample(item, image, segments=segments, visual_prompts=prompts)
