@@ -4,9 +4,12 @@
         --benchmarks fixture_coco_panoptic/val,fixture_refcoco/val --shards .cache/xsam/shards \\
         --tracking-uri http://127.0.0.1:5000 --model-name xsam
 
-Per checkpoint: a pool of Ray actors (one model copy each) scores the benchmarks' samples; their
-metric accumulators are summed; one parent MLflow run per checkpoint gets every benchmark's metrics
-(`<benchmark>/<metric>`), the primary metric of each as a tag, the lineage (checkpoint, training
+Per checkpoint: a pool of Ray actors (one model copy each; with --gpus-per-worker 1 one per GPU, the
+model on it, bf16 by default: --device, --dtype) scores the benchmarks' samples with the batched engine
+(xsam.eval.engine), chunk by chunk, with a progress line per benchmark; the accumulators are summed in
+sample order; one parent MLflow run per checkpoint gets every benchmark's metrics
+(`<benchmark>/<metric>`, with the counts `<benchmark>/n_images`, `n_queries`, `n_prompts`), the
+primary metric of each as a tag, the lineage (checkpoint, training
 config, data fingerprints, seed, code version) and a child run per benchmark with its per-category
 table and a few prediction overlays. Each checkpoint becomes a version of the registered model and
 the alias (default `champion`) moves to the best one by the selection rule (xsam.eval.selection).
@@ -29,33 +32,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class EvalWorker:
-    """One model copy; scores slices of a benchmark (a Ray actor in `evaluate_checkpoint`)."""
+    """One model copy on its device; scores chunks of a benchmark with the batched engine
+    (xsam.eval.engine: encoders once per image, queries batched, reads prefetched). A Ray actor in
+    `evaluate_checkpoint`: one per GPU with --gpus-per-worker 1, else one per CPU."""
 
-    def __init__(self, checkpoint: str, shards: str):
+    def __init__(self, checkpoint: str, shards: str, device: str = "auto", dtype: str = "auto",
+                 engine: dict | None = None):
         import torch
 
+        from xsam.eval.engine import Engine
         from xsam.model.predict import load_for_inference
 
-        torch.set_num_threads(1)
+        if device == "auto":  # the actor's own GPU when Ray gave it one
+            import ray
+
+            device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(1)  # one CPU per actor (on a GPU the host side is reads, decoding and scoring)
         # local folder or s3:// prefix, read directly; the export's own tokenizer
-        self.model, self.tokenizer = load_for_inference(checkpoint)
+        self.model, self.tokenizer = load_for_inference(checkpoint, device=device, dtype=dtype)
+        self.engine = Engine(self.model, self.tokenizer, **(engine or {}))
         self.shards = shards
         self.indexes = {}
 
+    def describe(self) -> str:
+        p = next(self.model.parameters())
+        return f"{p.device} {str(p.dtype).replace('torch.', '')}"
+
     def score(self, bench, indices: list[int], overlays: int):
+        """-> (accumulators, [(key, overlay PNG)]) of the samples `indices` of the benchmark."""
         from xsam.train.shard_index import ShardIndex
 
         if bench.name not in self.indexes:
             self.indexes[bench.name] = ShardIndex.build(self.shards, [(bench.dataset, bench.split)])
         index = self.indexes[bench.name]
-        acc, pngs = bench.new(), []
         refs = index.refs[bench.dataset]
-        for i in indices:
-            sample, image = index.read(refs[i])
-            png = bench.evaluate(self.model, self.tokenizer, sample, image, acc)
-            if png is not None and len(pngs) < overlays:
-                pngs.append((refs[i].key, png))
-        return acc, pngs
+        return self.engine.score_shards(bench, index, [refs[i] for i in indices], overlays)
 
 
 def resolve_checkpoint(spec: str, client) -> str:
@@ -91,26 +102,36 @@ def discover_benchmarks(shards: str, names: list[str] | None, seed: int):
 
 
 def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max_samples: int | None,
-                        overlays: int, gpus: float = 0):
-    """-> {benchmark name: (metrics, accumulators, overlays)} computed on a pool of Ray actors."""
+                        overlays: int, gpus: float = 0, device: str = "auto", dtype: str = "auto",
+                        engine: dict | None = None, chunk: int = 64, progress_every: float | None = 30.0):
+    """-> {benchmark name: (metrics, accumulators, overlays)} computed on a pool of Ray actors (one per
+    GPU when gpus > 0). A benchmark is cut into consecutive chunks of `chunk` samples, handed to the
+    actors as they free up and merged in sample order (the numbers do not depend on the worker count);
+    a progress line per benchmark as chunks come back."""
     import ray
     from ray.util import ActorPool
 
+    from xsam.eval.engine_io import Progress
     from xsam.train.shard_index import ShardIndex
 
     actor = ray.remote(num_cpus=1, num_gpus=gpus)(EvalWorker)
-    pool_actors = [actor.remote(checkpoint, shards) for _ in range(workers)]
+    pool_actors = [actor.remote(checkpoint, shards, device, dtype, engine) for _ in range(workers)]
+    where = sorted(set(ray.get([a.describe.remote() for a in pool_actors])))
+    print(f"[evaluate] {checkpoint}: {workers} actor(s) on {', '.join(where)}", flush=True)
     pool = ActorPool(pool_actors)
     results = {}
     for bench in benches:
         n = ShardIndex.read_manifests(shards, [(bench.dataset, bench.split)])[(bench.dataset, bench.split)].num_samples
         n = min(n, max_samples) if max_samples else n
-        chunks = [list(range(n))[k::workers] for k in range(workers) if list(range(n))[k::workers]]
-        parts = list(pool.map(lambda a, idx: a.score.remote(bench, idx, overlays), chunks))
-        acc = parts[0][0]
-        for other, _ in parts[1:]:
-            acc = {k: acc[k] + other[k] for k in acc}
-        pngs = [p for _, ps in parts for p in ps][:overlays]
+        chunks = [list(range(k, min(k + chunk, n))) for k in range(0, n, max(1, chunk))]
+        progress = Progress(bench.name, n, progress_every)
+        acc, pngs = bench.new(), []
+        work = pool.map(lambda a, idx, b=bench: a.score.remote(b, idx, overlays), chunks)
+        for idx, (part, part_pngs) in zip(chunks, work):
+            acc = {k: acc[k] + part[k] for k in acc}
+            pngs += part_pngs[:max(0, overlays - len(pngs))]
+            progress.update(len(idx), part["counts"].queries)
+        progress.close()
         results[bench.name] = (bench.result(acc), acc, pngs)
     for a in pool_actors:
         ray.kill(a)
@@ -178,10 +199,17 @@ def main(argv: list[str] | None = None):
     p.add_argument("--experiment", default="xsam-eval")
     p.add_argument("--model-name", default="xsam")
     p.add_argument("--alias", default="champion")
-    p.add_argument("--workers", type=int, default=2, help="model copies (Ray actors)")
+    p.add_argument("--workers", type=int, help="model copies (Ray actors); default: one per GPU of the cluster "
+                   "with --gpus-per-worker, else 2")
     p.add_argument("--gpus-per-worker", type=float, default=0,
-                   help="reserve GPUs per actor (1 on GPU clusters: at most one model copy per GPU); the model "
-                        "itself still runs on the CPU - GPU inference is not wired yet")
+                   help="GPUs per actor: 1 on GPU clusters, one model copy per GPU, run on it (--device auto)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where each actor runs the model: auto = cuda when the actor has a GPU, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="model dtype: auto = bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--image-batch", type=int, default=8, help="images encoded together per actor")
+    p.add_argument("--max-sequences", type=int, default=32, help="sequences per LLM / decoder batch")
+    p.add_argument("--chunk", type=int, default=64, help="samples per work item handed to an actor")
     p.add_argument("--max-samples", type=int, help="cap per benchmark (quick runs)")
     p.add_argument("--overlays", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -206,13 +234,20 @@ def main(argv: list[str] | None = None):
     # a run that leaves samples out (--max-samples below a benchmark's size) is PARTIAL: tagged, never selected
     truncated = sorted(n for n, size in sizes.items() if args.max_samples and args.max_samples < size)
     partial = {"xsam.partial": "true" if truncated else "false"}
+    if args.device == "cuda" and not args.gpus_per_worker:
+        raise SystemExit("[evaluate] --device cuda needs --gpus-per-worker > 0 (a GPU per actor)")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    workers = args.workers
+    if workers is None:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        workers = max(1, int(gpus // args.gpus_per_worker)) if args.gpus_per_worker and gpus else 2
+    engine = {"image_batch": args.image_batch, "max_sequences": args.max_sequences}
     run_ids: list[str] = []
     for spec in args.checkpoints.split(","):
         checkpoint = resolve_checkpoint(spec.strip(), client)
-        results = evaluate_checkpoint(checkpoint, benches, args.shards, args.workers, args.max_samples, args.overlays,
-                                      args.gpus_per_worker)
+        results = evaluate_checkpoint(checkpoint, benches, args.shards, workers, args.max_samples, args.overlays,
+                                      args.gpus_per_worker, args.device, args.dtype, engine, args.chunk)
         run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints, args.parent_run,
                                 extra_tags={**partial, **({"xsam.truncated": ",".join(truncated)} if truncated else {})})
         run_ids.append(run_id)

@@ -57,6 +57,10 @@ def test_evaluate_logs_registers_and_selects(mlflow_server, setup):
         assert run.data.tags["xsam.primary.fixture_refcoco/val"] == "ciou"
         assert {f"{b}/{m}" for b, m in zip(names, ("ciou", "miou", "miou"))} <= set(run.data.metrics)
         assert run.data.tags["xsam.code_version"] and run.data.tags["xsam.seed"] == "0"
+        # the counts beside the metrics: 2 images each (--max-samples 2); every sentence of every ref a query
+        assert all(run.data.metrics[f"{b}/n_images"] == 2 for b in names)
+        assert run.data.metrics["fixture_refcoco/val/n_queries"] > 2
+        assert run.data.metrics["fixture_coco_interactive/val/n_prompts"] >= 2
         assert all(len(run.data.tags[f"xsam.eval_data.{b}"]) == 64 for b in names)
         children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
         assert {c.data.tags["xsam.benchmark"] for c in children} == set(names)

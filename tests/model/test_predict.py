@@ -81,7 +81,7 @@ def test_predict_command_line(trained, tmp_path):
     Image.fromarray(ex.image).save(tmp_path / "in.png")
     out = subprocess.run([sys.executable, "-m", "xsam.model.predict", "--checkpoint", str(tmp_path / "ckpt"),
                           "--image", str(tmp_path / "in.png"), "--task", "referring",
-                          "--prompt", "the box", "--out", str(tmp_path / "o.png")],
+                          "--prompt", "the box", "--out", str(tmp_path / "o.png"), "--device", "cpu", "--dtype", "fp32"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,3 +99,21 @@ def test_an_s1_export_is_refused_with_a_clear_error(tmp_path):
     save_stage_checkpoint(model, S1, cfg, tmp_path / "s1", tokenizer=tok)
     with pytest.raises(ValueError, match=r"a stage s1 export; predict and evaluate need a stage s3 export"):
         load_for_inference(tmp_path / "s1")
+
+
+def test_load_for_inference_on_a_device_in_bf16(trained, tmp_path):
+    """--device / --dtype: the export loads in bf16 (CPU here; auto = cuda when a GPU is visible) and predicts."""
+    from xsam.model.predict import load_for_inference, resolve_device, resolve_dtype
+
+    model, tok, ex, _, cfg = trained
+    save_stage_checkpoint(model, S3, cfg, tmp_path / "ckpt", tokenizer=tok)
+    bf16, tok2 = load_for_inference(tmp_path / "ckpt", device="cpu", dtype="bf16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in bf16.parameters())
+    pred = predict(bf16, tok2, ex.image, "referring", "the box")
+    assert pred.masks.shape == (1, *ex.image.shape[:2]) and _iou(pred.masks[0], ex.masks[0]) > 0.5
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no GPU"):
+            resolve_device("cuda")

@@ -6,7 +6,7 @@
     overlay(image, pred).save("out.png")
 
     python -m xsam.model.predict --checkpoint DIR --image in.jpg --task panoptic \\
-        --prompt "person,sky,grass" --out overlay.png
+        --prompt "person,sky,grass" --out overlay.png [--device auto|cpu|cuda] [--dtype auto|bf16|fp32]
 
 Segmentation tasks are teacher-forced (the answer template with <SEG> is given, one forward);
 GCG decodes greedily, parses the <p>...</p> phrases, then decodes their masks (reference sec. 4-5).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -28,6 +29,7 @@ from xsam.model import label_chunks, postprocess
 from xsam.model.batching import Example, collate_raw, text_budget
 from xsam.model.preprocess import scaled_size
 from xsam.model.templates import (
+    gcg_answer,
     gcg_question,
     generic_question,
     interactive_question,
@@ -38,7 +40,14 @@ from xsam.model.templates import (
     vgd_question,
     with_image,
 )
-from xsam.model.tokenizer import END_TOKEN, SEG_TOKEN, encode_prompt, parse_gcg, token_id
+from xsam.model.tokenizer import (
+    END_P_TOKEN,
+    END_TOKEN,
+    P_TOKEN,
+    encode_prompt,
+    parse_gcg,
+    token_id,
+)
 from xsam.model.xsam import XSAM, DecodeMode
 
 
@@ -61,6 +70,7 @@ class Prediction:
     labels: list[str]
     scores: list[float]
     text: str | None = None  # GCG caption
+    skipped: str | None = None  # GCG: why the paper's protocol skips this answer (no / several <SEG>, no phrase)
 
 
 def _categories(prompt: str | list[str] | None) -> list[str]:
@@ -83,6 +93,40 @@ def phrase_question(task: PredictTask | str, prompt: str, is_sentence: bool = Tr
 EVAL_SIGLIP_PAD_SQUARE = True
 
 
+@dataclass
+class Request:
+    """One prediction, as `predict` is asked for it: prompt = categories (panoptic / semantic / instance),
+    a phrase or question (referring / reasoning / gres), nothing (gcg); prompt_masks [R, H, W] bool
+    (interactive / vgd); is_thing per category (panoptic); is_sentence (reasoning)."""
+
+    task: PredictTask
+    prompt: str | list[str] | None = None
+    prompt_masks: np.ndarray | None = None
+    is_thing: list[bool] | None = None
+    is_sentence: bool = True
+
+    def __post_init__(self):
+        self.task = PredictTask(self.task)
+
+
+@dataclass
+class Passes:
+    """The teacher-forced passes of one request on one image: one Example per pass (several only for a
+    label space longer than the text budget), the decode mode, and for a generic request the label
+    chunk of each pass (`label_chunks`); `merge` turns the passes' outputs into one prediction."""
+
+    examples: list[Example]
+    mode: DecodeMode
+    chunks: list[list[int]] | None = None
+    num_classes: int = 0
+
+    def merge(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pass (logits [Q, k_i + 1], masks [Q, h, w]) -> (logits [Q', K + 1], masks [Q', h, w])."""
+        if self.chunks is None:
+            return parts[0]
+        return label_chunks.merge(parts, self.chunks, self.num_classes)
+
+
 def _run(model: XSAM, tokenizer, example: Example, mode: DecodeMode) -> tuple[torch.Tensor, torch.Tensor]:
     """One example, teacher-forced; the model builds its views on its own device (XSAM.prepare), the
     SigLIP view padded to a square as in the paper's evaluation."""
@@ -92,23 +136,134 @@ def _run(model: XSAM, tokenizer, example: Example, mode: DecodeMode) -> tuple[to
     return out["pred_logits"], out["pred_masks"]
 
 
-def _generic_passes(model: XSAM, tokenizer, image: np.ndarray, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The generic prompt over `names`, in as many passes as the text budget needs (`label_chunks`)
-    -> (logits [1, Q', K + 1], masks [1, Q', h, w]); one pass when the list fits."""
+def generic_passes(cfg, tokenizer, image: np.ndarray, names: list[str]) -> Passes:
+    """The generic prompt over `names`, in as many passes as the text budget needs (`label_chunks`)."""
     h, w = image.shape[:2]
-    budget = text_budget(model.cfg)
+    budget = text_budget(cfg)
 
     def turns(sub):
         return [(with_image(generic_question(sub, 0)), seg_answer(0))]
 
     chunks = label_chunks.chunk(names, lambda sub: label_chunks.text_tokens(turns(sub), tokenizer) <= budget)
-    parts = []
-    for idx in chunks:
-        ex = Example(image, turns([names[i] for i in idx]), np.zeros((0, h, w), bool), [])
-        logits, masks = _run(model, tokenizer, ex, DecodeMode.per_sample)
-        parts.append((logits[0], masks[0]))
-    logits, masks = label_chunks.merge(parts, chunks, len(names))
+    examples = [Example(image, turns([names[i] for i in idx]), np.zeros((0, h, w), bool), []) for idx in chunks]
+    return Passes(examples, DecodeMode.per_sample, chunks, len(names))
+
+
+def _generic_passes(model: XSAM, tokenizer, image: np.ndarray, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generic prompt over `names`, one `_run` per pass -> (logits [1, Q', K + 1], masks [1, Q', h, w])."""
+    p = generic_passes(model.cfg, tokenizer, image, names)
+    logits, masks = p.merge([tuple(x[0] for x in _run(model, tokenizer, ex, p.mode)) for ex in p.examples])
     return logits[None], masks[None]
+
+
+def passes(cfg, tokenizer, image: np.ndarray, req: Request) -> Passes:
+    """The teacher-forced passes of a segmentation request (every task but GCG, see `gcg_passes`)."""
+    task, (h, w) = req.task, image.shape[:2]
+    if task in (PredictTask.panoptic, PredictTask.semantic, PredictTask.instance):
+        return generic_passes(cfg, tokenizer, image, _categories(req.prompt))
+    if task in (PredictTask.referring, PredictTask.reasoning, PredictTask.gres):
+        if not req.prompt:
+            raise ValueError(f"{task.value} needs a phrase or question as prompt")
+        ex = Example(image, [(with_image(phrase_question(task, str(req.prompt), req.is_sentence)),
+                              referring_answer(0))], np.zeros((1, h, w), bool), [0])
+        return Passes([ex], DecodeMode.per_phrase)
+    if task in (PredictTask.interactive, PredictTask.vgd):
+        pm = req.prompt_masks
+        if pm is None or len(pm) == 0:
+            raise ValueError(f"{task.value} needs prompt_masks [R, H, W]")
+        question = interactive_question(0) if len(pm) == 1 else vgd_question(len(pm), 0)
+        ex = Example(image, [(with_image(question), seg_answer(0))], np.zeros((0, h, w), bool), [],
+                     region_masks=pm.astype(bool))
+        return Passes([ex], DecodeMode.per_sample)
+    raise ValueError(f"{task.value}: generation first (gcg_passes)")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy()
+
+
+def finish(req: Request, logits: torch.Tensor, masks: torch.Tensor, orig: tuple[int, int], sam_size: int
+           ) -> Prediction:
+    """One request's merged decoder outputs (logits [Q, K + 1], masks [Q, h, w], on any device) ->
+    its Prediction at the original size `orig` (H, W); the post-processing runs where the tensors are."""
+    task, (h, w) = req.task, orig
+    scaled = scaled_size(orig, sam_size)
+    if task in (PredictTask.panoptic, PredictTask.semantic, PredictTask.instance):
+        names = _categories(req.prompt)
+        if task is PredictTask.semantic:
+            seg = postprocess.semantic(logits, masks, scaled, orig)
+            present = sorted(int(c) for c in seg.unique())
+            return Prediction(task, _np(torch.stack([seg == c for c in present])), [names[c] for c in present],
+                              [1.0] * len(present))
+        if task is PredictTask.panoptic:
+            seg_map, segments = postprocess.panoptic(logits, masks, scaled, orig, req.is_thing or [True] * len(names))
+            return Prediction(task, _np(torch.stack([seg_map == s["id"] for s in segments])) if segments
+                              else np.zeros((0, h, w), bool), [names[s["category_id"]] for s in segments],
+                              [float(s["score"]) for s in segments])
+        res = postprocess.instance(logits, masks, scaled, orig)
+        return Prediction(task, _np(res["masks"]), [names[int(c)] for c in res["labels"]], res["scores"].tolist())
+    if task in (PredictTask.referring, PredictTask.reasoning, PredictTask.gres):
+        fn = postprocess.gres if task is PredictTask.gres else postprocess.referring
+        return Prediction(task, _np(fn(logits, masks, scaled, orig)[None]), [str(req.prompt)], [1.0])
+    if task is PredictTask.interactive:
+        pm = req.prompt_masks
+        out = [postprocess.interactive(logits[:, [r, -1]], masks, scaled, orig,
+                                       torch.from_numpy(np.ascontiguousarray(pm[r])).to(masks.device))
+               for r in range(len(pm))]
+        return Prediction(task, _np(torch.stack(out)), [f"region {r}" for r in range(len(out))], [1.0] * len(out))
+    if task is PredictTask.vgd:
+        res = postprocess.vgd(logits, masks, scaled, orig)
+        return Prediction(task, _np(res["masks"]), [f"region {int(c)}" for c in res["labels"]], res["scores"].tolist())
+    raise ValueError(f"{task.value}: use finish_gcg")
+
+
+# ------------------------------------------------------------------------------------------- GCG
+def gcg_prompt(tokenizer) -> tuple[str, list[int]]:
+    """The GCG question (with the image) and the ids greedy generation continues from."""
+    question = with_image(gcg_question(0))
+    return question, encode_prompt(question, tokenizer)
+
+
+@dataclass
+class GCGParse:
+    """A generated GCG answer: the caption, its phrase spans (character offsets) and the teacher-forced
+    pass that decodes the phrases' masks (None when no phrase was generated)."""
+
+    caption: str
+    spans: list[tuple[int, int]]
+    passes: Passes | None
+    skipped: str | None = None  # the protocol's reason to skip the answer (xsam.eval.gcg.skip_reason)
+
+
+def gcg_passes(image: np.ndarray, text: str) -> GCGParse:
+    """Generated text (special tokens kept) -> the caption, phrases and the pass decoding their masks: the
+    generated answer as it is when its tags are one balanced <p>...</p> per parsed phrase, else the parsed
+    caption re-tagged (`templates.gcg_answer`), so the pass has exactly one condition per phrase."""
+    from xsam.eval.gcg import skip_reason
+
+    h, w = image.shape[:2]
+    caption, spans = parse_gcg(text)
+    reason = skip_reason(text)  # the paper's protocol: exactly one <SEG> and at least one <p>...</p>
+    if reason is not None or not spans:
+        return GCGParse(caption, [], None, skipped=reason or "no phrase")
+    answer = text.split(END_TOKEN)[0].rstrip()
+    tags = re.findall(r"<p>|</p>", answer)
+    if tags != [P_TOKEN, END_P_TOKEN] * len(spans):  # unbalanced, nested or empty tags (free generation):
+        answer = gcg_answer(caption, spans, 0)  # the parsed caption, re-tagged: one <p>...</p> per phrase
+    question = with_image(gcg_question(0))
+    ex = Example(image, [(question, answer)], np.zeros((len(spans), h, w), bool), list(range(len(spans))))
+    return GCGParse(caption, spans, Passes([ex], DecodeMode.per_sample))
+
+
+def finish_gcg(parse: GCGParse, logits: torch.Tensor | None, masks: torch.Tensor | None, orig: tuple[int, int],
+               sam_size: int) -> Prediction:
+    """The GCG prediction: one mask per phrase (logits [Q, P + 1], masks [Q, h, w]; None without phrases)."""
+    if parse.passes is None:
+        return Prediction(PredictTask.gcg, np.zeros((0, *orig), bool), [], [], text=parse.caption,
+                          skipped=parse.skipped)
+    out = postprocess.gcg(logits, masks, scaled_size(orig, sam_size), orig)
+    return Prediction(PredictTask.gcg, _np(out), [parse.caption[s:e] for s, e in parse.spans],
+                      [1.0] * len(parse.spans), text=parse.caption)
 
 
 @torch.no_grad()
@@ -117,69 +272,27 @@ def predict(model: XSAM, tokenizer, image: np.ndarray, task: PredictTask | str, 
             max_new_tokens: int = 128, is_sentence: bool = True) -> Prediction:
     """image [H, W, 3] uint8 RGB; prompt: categories (panoptic / semantic / instance), a phrase or
     question (referring / reasoning / gres), nothing (gcg); prompt_masks [R, H, W] bool (interactive / vgd).
-    is_sentence: a reasoning query is a sentence (REASONING_QUESTIONS) or a phrase (the short questions)."""
-    task = PredictTask(task)
+    is_sentence: a reasoning query is a sentence (REASONING_QUESTIONS) or a phrase (the short questions).
+    One request, one pass at a time (xsam.eval.engine batches many)."""
+    req = Request(task, prompt, prompt_masks, is_thing, is_sentence)
     model.eval()
-    h, w = image.shape[:2]
-    orig, scaled = (h, w), scaled_size((h, w), model.cfg.sam.image_size)
-    if task in (PredictTask.panoptic, PredictTask.semantic, PredictTask.instance):
-        names = _categories(prompt)
-        logits, masks = _generic_passes(model, tokenizer, image, names)
-        if task is PredictTask.semantic:
-            seg = postprocess.semantic(logits[0], masks[0], scaled, orig)
-            present = sorted(int(c) for c in seg.unique())
-            return Prediction(task, np.stack([(seg == c).numpy() for c in present]), [names[c] for c in present],
-                              [1.0] * len(present))
-        if task is PredictTask.panoptic:
-            seg_map, segments = postprocess.panoptic(logits[0], masks[0], scaled, orig,
-                                                     is_thing or [True] * len(names))
-            return Prediction(task, np.stack([(seg_map == s["id"]).numpy() for s in segments]) if segments
-                              else np.zeros((0, h, w), bool), [names[s["category_id"]] for s in segments],
-                              [float(s["score"]) for s in segments])
-        res = postprocess.instance(logits[0], masks[0], scaled, orig)
-        return Prediction(task, res["masks"].numpy(), [names[int(c)] for c in res["labels"]],
-                          res["scores"].tolist())
-    if task in (PredictTask.referring, PredictTask.reasoning, PredictTask.gres):
-        if not prompt:
-            raise ValueError(f"{task.value} needs a phrase or question as prompt")
-        ex = Example(image, [(with_image(phrase_question(task, str(prompt), is_sentence)), referring_answer(0))],
-                     np.zeros((1, h, w), bool), [0])
-        logits, masks = _run(model, tokenizer, ex, DecodeMode.per_phrase)
-        fn = postprocess.gres if task is PredictTask.gres else postprocess.referring
-        return Prediction(task, fn(logits[0], masks[0], scaled, orig)[None].numpy(), [str(prompt)], [1.0])
-    if task in (PredictTask.interactive, PredictTask.vgd):
-        if prompt_masks is None or len(prompt_masks) == 0:
-            raise ValueError(f"{task.value} needs prompt_masks [R, H, W]")
-        question = interactive_question(0) if len(prompt_masks) == 1 else vgd_question(len(prompt_masks), 0)
-        ex = Example(image, [(with_image(question), seg_answer(0))], np.zeros((0, h, w), bool), [],
-                     region_masks=prompt_masks.astype(bool))
-        logits, masks = _run(model, tokenizer, ex, DecodeMode.per_sample)
-        if task is PredictTask.interactive:
-            out = [postprocess.interactive(logits[0][:, [r, -1]], masks[0], scaled, orig,
-                                           torch.from_numpy(prompt_masks[r])) for r in range(len(prompt_masks))]
-            return Prediction(task, torch.stack(out).numpy(), [f"region {r}" for r in range(len(out))],
-                              [1.0] * len(out))
-        res = postprocess.vgd(logits[0], masks[0], scaled, orig)
-        return Prediction(task, res["masks"].numpy(), [f"region {int(c)}" for c in res["labels"]],
-                          res["scores"].tolist())
+    orig, size = image.shape[:2], model.cfg.sam.image_size
+    if req.task is not PredictTask.gcg:
+        p = passes(model.cfg, tokenizer, image, req)
+        logits, masks = p.merge([tuple(x[0] for x in _run(model, tokenizer, ex, p.mode)) for ex in p.examples])
+        return finish(req, logits, masks, orig, size)
     # GCG: generate, parse the phrases, then decode them teacher-forced
-    question = with_image(gcg_question(0))
+    question, ids = gcg_prompt(tokenizer)
     batch = collate_raw([Example(image, [(question, "")])], DecodeMode.none, tokenizer, model.cfg)
-    batch.input_ids = [torch.tensor(encode_prompt(question, tokenizer))]
+    batch.input_ids = [torch.tensor(ids)]
     batch.labels = [torch.full_like(batch.input_ids[0], -100)]
     batch = model.prepare(batch, siglip_pad_square=EVAL_SIGLIP_PAD_SQUARE)
     generated = model.generate(batch, max_new_tokens, token_id(tokenizer, END_TOKEN))[0]
-    text = tokenizer.decode(generated, skip_special_tokens=False)
-    caption, spans = parse_gcg(text)
-    if not spans:
-        return Prediction(task, np.zeros((0, h, w), bool), [], [], text=caption)
-    answer = text.split(END_TOKEN)[0].rstrip()
-    if SEG_TOKEN not in answer:  # the phrases decode from the <SEG> state: close the answer if generation did not
-        answer = f"{answer} {seg_answer(0)}"
-    ex = Example(image, [(question, answer)], np.zeros((len(spans), h, w), bool), list(range(len(spans))))
-    logits, masks = _run(model, tokenizer, ex, DecodeMode.per_sample)
-    out = postprocess.gcg(logits[0], masks[0], scaled, orig)
-    return Prediction(task, out.numpy(), [caption[s:e] for s, e in spans], [1.0] * len(spans), text=caption)
+    parse = gcg_passes(image, tokenizer.decode(generated, skip_special_tokens=False))
+    if parse.passes is None:
+        return finish_gcg(parse, None, None, orig, size)
+    logits, masks = _run(model, tokenizer, parse.passes.examples[0], parse.passes.mode)
+    return finish_gcg(parse, logits[0], masks[0], orig, size)
 
 
 def overlay(image: np.ndarray, pred: Prediction, alpha: float = 0.5) -> Image.Image:
@@ -192,10 +305,36 @@ def overlay(image: np.ndarray, pred: Prediction, alpha: float = 0.5) -> Image.Im
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
-def load_for_inference(checkpoint: str | Path, tokenizer: str | Path | None = None):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" / None -> cuda when a GPU is visible (e.g. the one Ray gave this actor), else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no GPU is visible to this process")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"bf16" / "fp32" / a torch dtype; "auto" / None -> bf16 on a GPU, fp32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def load_for_inference(checkpoint: str | Path, tokenizer: str | Path | None = None,
+                       device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "fp32"):
     """A stage export (folder or s3:// prefix, as written by xsam.model.export; read directly and
-    checked complete) -> (model, tokenizer), ready for `predict`. The tokenizer is the export's own
-    unless a tokenizer folder is given."""
+    checked complete) -> (model, tokenizer), ready for `predict`, its parameters on `device` ("auto":
+    cuda when a GPU is visible) in `dtype` ("bf16" / "fp32"; "auto": bf16 on a GPU). The tokenizer is the
+    export's own unless a tokenizer folder is given."""
     from transformers import AutoTokenizer
 
     from xsam.model.builder import build_model
@@ -205,6 +344,8 @@ def load_for_inference(checkpoint: str | Path, tokenizer: str | Path | None = No
     from xsam.model.stages import S3
     from xsam.model.tokenizer import SPECIAL_TOKENS, add_special_tokens
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     tok = load_tokenizer(checkpoint) if tokenizer is None else AutoTokenizer.from_pretrained(str(tokenizer))
     add_special_tokens(tok)
     state, manifest = load_export(checkpoint)
@@ -217,9 +358,11 @@ def load_for_inference(checkpoint: str | Path, tokenizer: str | Path | None = No
     if missing:
         raise ValueError(f"{checkpoint}: the export lacks the parts {missing} that prediction needs")
     load_stage_state(model, state)
+    del state
     model.special_ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     model.siglip_pad_square = EVAL_SIGLIP_PAD_SQUARE  # the processor settings come with the export's config
-    return model.eval(), tok
+    model.requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval(), tok
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,8 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", help="categories (comma-separated) or a referring phrase")
     p.add_argument("--prompt-masks", help=".npy file of [R, H, W] bool visual prompts")
     p.add_argument("--out", default="overlay.png")
+    p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="parameters and activations: bf16 | fp32 (auto: bf16 on a GPU, fp32 on the CPU)")
     args = p.parse_args(argv)
-    model, tok = load_for_inference(args.checkpoint, args.tokenizer)
+    model, tok = load_for_inference(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype)
     image = np.asarray(Image.open(args.image).convert("RGB"))
     prompt_masks = np.load(args.prompt_masks) if args.prompt_masks else None
     pred = predict(model, tok, image, args.task, args.prompt, prompt_masks)

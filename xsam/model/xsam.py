@@ -176,6 +176,19 @@ def _frame_regions(regions: list[Tensor | None], sources: list[Tensor | None], s
     return out, framed[len(pieces):]
 
 
+@dataclass
+class ImageFeatures:
+    """The text-independent part of the model for B images (`XSAM.encode`), reused by every query of
+    an image: visual [B, 729 + 1024, D] LLM visual tokens, seg_map [B, g/2, g/2, D] the segmentation
+    token map (visual prompts are sampled on it), mask_features [B, C, I/8, I/8] and multi_scale
+    3 x [B, C, h_l, w_l] (coarse -> fine) from the pixel decoder."""
+
+    visual: Tensor
+    seg_map: Tensor
+    mask_features: Tensor
+    multi_scale: list[Tensor]
+
+
 class Segmentor(nn.Module):
     """Connector + pixel decoder + masked-attention decoder, with both classification heads."""
 
@@ -285,22 +298,31 @@ class XSAM(nn.Module):
         """Expand every sample's placeholders (visual tokens, sampled region features) and pad
         -> (inputs_embeds [B, T', D], labels [B, T'], token_ids [B, T'], attention_mask [B, T'])."""
         visual, seg_map = self.visual_tokens(batch.siglip_pixels, sam_feats)
+        return self._embed(visual, seg_map, batch.input_ids, batch.labels, batch.region_masks, batch.region_sources)
+
+    def _embed(self, visual: Tensor, seg_map: Tensor, input_ids: list[Tensor], labels: list[Tensor],
+               region_masks: list[Tensor | None] | None, region_sources: list[Tensor | None] | None,
+               generators: list[torch.Generator | None] | None = None):
+        """Sequence b's placeholders from visual[b] [Nv, D] and its regions sampled on seg_map [., g', g', D]
+        (seg_map[b], or seg_map[s] for a region of source image s) -> `pad_batch` of the sequences.
+        generators: per sequence, the generator of its prompt-point draws (None: the global one)."""
         embed = self.llm.input_embeddings()
         sequences = []
-        for b in range(len(batch.input_ids)):
+        for b in range(len(input_ids)):
             regions = None
-            if batch.region_masks and batch.region_masks[b] is not None and len(batch.region_masks[b]):
-                masks = batch.region_masks[b]
-                sources = batch.region_sources[b] if batch.region_sources else None
+            gen = generators[b] if generators else None
+            if region_masks and region_masks[b] is not None and len(region_masks[b]):
+                masks = region_masks[b]
+                sources = region_sources[b] if region_sources else None
                 if sources is None:
-                    regions = self.prompt_sampler(seg_map[b], masks)
+                    regions = self.prompt_sampler(seg_map[b], masks, gen)
                 else:  # region r from image sources[r]'s token map; -1 (no prompt): a zero token, as X-SAM
                     src = sources.tolist()
                     regions = seg_map.new_zeros(len(src), seg_map.shape[-1])
                     for j in sorted(set(src) - {-1}):
                         idx = [r for r, s in enumerate(src) if s == j]
-                        regions[idx] = self.prompt_sampler(seg_map[j], masks[idx])
-            sequences.append(expand_visual(batch.input_ids[b], batch.labels[b], embed, visual[b], regions))
+                        regions[idx] = self.prompt_sampler(seg_map[j], masks[idx], gen)
+            sequences.append(expand_visual(input_ids[b], labels[b], embed, visual[b], regions))
         return pad_batch(sequences)
 
     def run_llm(self, batch: XSAMBatch, sam_feats: dict[int, Tensor]):
@@ -368,6 +390,64 @@ class XSAM(nn.Module):
             losses.update(self.criterion(outputs, batch.targets))
         losses["total"] = sum(losses.values())
         return losses, outputs
+
+    # -- inference from cached image features (the evaluation engine) -------------------------------
+    @torch.no_grad()
+    def encode(self, sam_pixels: Tensor, siglip_pixels: Tensor) -> ImageFeatures:
+        """Everything of B images that does not depend on the text, ONCE per image: sam_pixels
+        [B, 3, I, I], siglip_pixels [B, 3, S, S] (prepared views) -> ImageFeatures. SAM, SigLIP and the
+        projectors run on the batch; the connector + pixel decoder image by image (their 3x3
+        convolutions are not batch-invariant in fp32: per image they give what `decode` gives)."""
+        sam_feats = self.sam.features(self.to_model_dtype(sam_pixels))
+        visual, seg_map = self.visual_tokens(siglip_pixels, sam_feats)
+        per_image = [self.segmentor.features({k: v[b:b + 1] for k, v in sam_feats.items()})
+                     for b in range(sam_pixels.shape[0])]
+        return ImageFeatures(visual, seg_map, torch.cat([m for m, _ in per_image]),
+                             [torch.cat(level) for level in zip(*(ms for _, ms in per_image))])
+
+    @torch.no_grad()
+    def item_conditions(self, feats: ImageFeatures, image_of: Tensor, input_ids: list[Tensor],
+                        region_masks: list[Tensor | None] | None = None,
+                        generators: list[torch.Generator | None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The LLM over N teacher-forced sequences on cached image features, ONE decoder item per sequence
+        with its own conditions (its <p>...</p> spans, its first <SEG>): what `decode` conditions a
+        per_sample batch of one sequence (or a per_phrase batch of one single-phrase sequence) on.
+
+        image_of [N] long: the image of each sequence in `feats`; input_ids N x [T_n] (whole chats,
+        placeholders in); region_masks N x ([R_n, I, I] bool, padded SAM frame) or None; generators: per
+        sequence, for its prompt-point draws (None: the global generator).
+        -> (query_bias [N, C], cond [N, K_max, C], cond_mask [N, K_max] bool)."""
+        visual = feats.visual.index_select(0, image_of)
+        seg_map = feats.seg_map.index_select(0, image_of)
+        labels = [torch.full_like(t, -100) for t in input_ids]
+        embeds, _, token_ids, attention_mask = self._embed(visual, seg_map, input_ids, labels, region_masks, None,
+                                                           generators)
+        _, hidden = self.llm(embeds, attention_mask, None)
+        _, query_bias, cond, cond_mask = self.conditions(hidden, token_ids, DecodeMode.per_sample)
+        return query_bias, cond, cond_mask
+
+    @torch.no_grad()
+    def decode_items(self, feats: ImageFeatures, image_of: Tensor, query_bias: Tensor, cond: Tensor,
+                     cond_mask: Tensor) -> dict:
+        """The mask decoder for N items over their images' cached features (expanded along the batch dim)
+        -> dict(pred_logits [N, Q, K_max + 1] (padded classes PADDED_CLASS_LOGIT, background last),
+        pred_masks [N, Q, I/8, I/8])."""
+        mask_features = feats.mask_features.index_select(0, image_of)
+        multi_scale = [m.index_select(0, image_of) for m in feats.multi_scale]
+        classify = partial(self.segmentor.cosine, cond=cond, cond_mask=cond_mask)
+        out = self.segmentor.decode(mask_features, multi_scale, classify, query_bias)
+        return {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}
+
+    @torch.no_grad()
+    def generate_features(self, feats: ImageFeatures, image_of: Tensor, input_ids: list[Tensor],
+                          max_new_tokens: int, eos_id: int) -> list[list[int]]:
+        """Greedy continuation of N prompts (input_ids N x [T_n], prompt only) over cached image
+        features, batched across the N with one KV cache (`XSamLLM.generate_greedy`)."""
+        visual = feats.visual.index_select(0, image_of)
+        seg_map = feats.seg_map.index_select(0, image_of)
+        labels = [torch.full_like(t, -100) for t in input_ids]
+        embeds, _, _, attention_mask = self._embed(visual, seg_map, input_ids, labels, None, None)
+        return self.llm.generate_greedy(embeds, attention_mask, max_new_tokens, eos_id)
 
     @torch.no_grad()
     def generate(self, batch: XSAMBatch, max_new_tokens: int, eos_id: int) -> list[list[int]]:
