@@ -4,7 +4,8 @@
         --benchmarks fixture_coco_panoptic/val,fixture_refcoco/val --shards .cache/xsam/shards \\
         --tracking-uri http://127.0.0.1:5000 --model-name xsam
 
-Per checkpoint: a pool of Ray actors (one model copy each; with --gpus-per-worker 1 one per GPU, the
+The checkpoints are scored concurrently where resources allow (the model copies split over them). Per
+checkpoint: a pool of Ray actors (one model copy each; with --gpus-per-worker 1 one per GPU, the
 model on it, bf16 by default: --device, --dtype) scores the benchmarks' samples with the batched engine
 (xsam.eval.engine), chunk by chunk, with a progress line per benchmark; the accumulators are summed in
 sample order; one parent MLflow run per checkpoint gets every benchmark's metrics
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from xsam.data import storage
@@ -244,10 +246,17 @@ def main(argv: list[str] | None = None):
         workers = max(1, int(gpus // args.gpus_per_worker)) if args.gpus_per_worker and gpus else 2
     engine = {"image_batch": args.image_batch, "max_sequences": args.max_sequences}
     run_ids: list[str] = []
-    for spec in args.checkpoints.split(","):
-        checkpoint = resolve_checkpoint(spec.strip(), client)
-        results = evaluate_checkpoint(checkpoint, benches, args.shards, workers, args.max_samples, args.overlays,
-                                      args.gpus_per_worker, args.device, args.dtype, engine, args.chunk)
+    checkpoints = [resolve_checkpoint(spec.strip(), client) for spec in args.checkpoints.split(",")]
+    # (checkpoint x benchmark) work in parallel where resources allow: the model copies are split over the
+    # checkpoints (C <= W: W // C each, all start at once; C > W: one each, a checkpoint's single actor waits
+    # for a free slot - never a half-started pool, so no two pools wait on each other)
+    per = max(1, workers // len(checkpoints))
+    with ThreadPoolExecutor(len(checkpoints)) as threads:
+        futures = [threads.submit(evaluate_checkpoint, c, benches, args.shards, per, args.max_samples, args.overlays,
+                                  args.gpus_per_worker, args.device, args.dtype, engine, args.chunk)
+                   for c in checkpoints]
+    for checkpoint, future in zip(checkpoints, futures):
+        results = future.result()
         run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints, args.parent_run,
                                 extra_tags={**partial, **({"xsam.truncated": ",".join(truncated)} if truncated else {})})
         run_ids.append(run_id)
