@@ -68,7 +68,7 @@ def bare_loop(ann_path: Path) -> tuple[int, int]:
 def run_job(registry: Path, data_root: Path, out: Path, cpus: int, shards: int, images: int) -> float:
     import ray
 
-    from pipelines.convert import ray_executor
+    from xsam.pipelines.convert import ray_executor
     from xsam.data.convert import convert
     from xsam.data.registry import load_registry
 

@@ -143,7 +143,7 @@ def test_activations_are_measured_affine_in_tokens_and_smaller_when_checkpointed
 def test_paper_s3_memory_table_fits_80_with_checkpointing_only():
     """The dry-run's table for the paper profile's S3 (ZeRO-2, 16 GPUs, batch 4, before conversion: the
     stated text assumptions): with checkpointing it fits 80 GiB but not comfortably 40; without, not 80."""
-    from pipelines.plan import memory_table, stage_text
+    from xsam.pipelines.plan import memory_table, stage_text
     from xsam.train.config import load_profile, profile_path
 
     cfg = load_profile(profile_path("paper"), "s3")
@@ -186,7 +186,7 @@ def test_text_lengths_are_measured_through_the_formatter(shards):
     few = measure_text(out, "fixture_refcoco", "train", "s3", tokenizer, cfg, n=2, seed=3)
     assert few.basis.startswith("measured: 2 samples")
     # the plan uses them when the shards and the tokenizer are there, else the stated assumption
-    from pipelines.plan import stage_text
+    from xsam.pipelines.plan import stage_text
 
     counts = {"fixture_refcoco/train": (5, "manifest", 1), "refcocog/train": (None, "public size", None)}
     stats = stage_text("s3", type("C", (), {"preset": "tiny"})(), out, counts, tokenizer, None, n=20)
@@ -205,7 +205,7 @@ def test_paper_s3_mixture_lines_before_conversion(tmp_path, capsys):
     """The dry-run's mixture for the paper profile's S3 from the public sizes: one line per source that
     starts with its name and ends with its share; the shares sum to 100; RefCOCO/+/g together come near
     the original X-SAM's 23.7% (with the stated records estimate: 23.2%)."""
-    from pipelines.plan import ORIGINAL_REFERRING_SHARE, PUBLIC_RECORDS, print_mixture, sources, stage_mixture
+    from xsam.pipelines.plan import ORIGINAL_REFERRING_SHARE, PUBLIC_RECORDS, print_mixture, sources, stage_mixture
     from xsam.train.config import load_profile, profile_path
 
     cfg = load_profile(profile_path("paper"), "s3")
@@ -227,7 +227,7 @@ def test_paper_s3_mixture_lines_before_conversion(tmp_path, capsys):
 def test_mixture_records_come_from_the_manifests(shards, tmp_path):
     """A converted split's records are its manifest's num_records; one converted before they were counted
     falls back to its samples and says so; an unconverted one takes the public estimate."""
-    from pipelines.plan import PUBLIC_RECORDS, sources
+    from xsam.pipelines.plan import PUBLIC_RECORDS, sources
     from xsam.data.shards import read_manifest
 
     out, _ = shards

@@ -68,7 +68,7 @@ def test_mlflow_params_hold_the_mixture_training_balances(shards):
     a manifest without num_records says so and counts one record per sample."""
     from mlflow import MlflowClient
 
-    from pipelines.train import mixture_params, start_mlflow_run
+    from xsam.pipelines.train import mixture_params, start_mlflow_run
     from xsam.train.config import load_profile, profile_path
     from xsam.train.shard_index import ShardIndex
 

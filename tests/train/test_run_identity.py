@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines.train import RunConflict, claim_run
+from xsam.pipelines.train import RunConflict, claim_run
 from xsam.train.config import RESULT_NEUTRAL, load_profile, profile_path
 
 

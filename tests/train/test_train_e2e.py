@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import convert_fixtures  # noqa: E402
 
-from pipelines.train import run  # noqa: E402
+from xsam.pipelines.train import run  # noqa: E402
 from xsam.train.config import load_profile, profile_path  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """Training configuration: one flat dataclass per stage run, resolved from a profile YAML.
 
-A profile (pipelines/profiles/<name>.yaml) has top-level defaults and a `stages:` section with one
+A profile (xsam/profiles/<name>.yaml) has top-level defaults and a `stages:` section with one
 mapping per stage; a run's config = defaults <- stages.<stage> <- command-line `key=value`
 overrides (values parsed as YAML, so `lr=2e-4`, `datasets=[a/train,b/train]`, `bf16=true` work).
 An unknown key is an error that names it. MLFLOW_TRACKING_URI, when set, overrides the profile's
@@ -190,11 +190,11 @@ def load_sweep(path: str | Path) -> dict | None:
 
 
 def profile_path(name_or_path: str) -> Path:
-    """A profile name (pipelines/profiles/<name>.yaml) or a path to a YAML file."""
+    """A profile name (xsam/profiles/<name>.yaml) or a path to a YAML file."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
-    candidate = Path(__file__).resolve().parents[2] / "pipelines" / "profiles" / f"{name_or_path}.yaml"
+    candidate = Path(__file__).resolve().parents[1] / "profiles" / f"{name_or_path}.yaml"
     if not candidate.exists():
         raise FileNotFoundError(f"no profile {name_or_path!r} (looked for {candidate})")
     return candidate
