@@ -9,6 +9,8 @@ it - and every profile is loaded for each stage with its datasets resolved in th
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
 import fnmatch
 import itertools
 import re
@@ -102,7 +104,6 @@ def test_ray_cluster_start_commands_and_image(cluster):
     head = " ".join(cluster["head_start_ray_commands"])
     worker = " ".join(cluster["worker_start_ray_commands"])
     assert "ray start --head" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
-    assert "--dashboard-host=0.0.0.0" in head, "ray job submit reaches the dashboard on 8265"
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker
     env = " ".join(cluster["docker"]["run_options"])
     assert "MLFLOW_TRACKING_URI=http" in env and "AWS_REGION=" in env
@@ -453,3 +454,191 @@ def test_gpu_profiles_give_each_deepspeed_setting_a_reason(name):
     for ln in lines:
         assert len(ln.partition("#")[2].strip()) > 20, f"{name}.yaml: no reason given for {ln!r}"
     assert isinstance(profile(name)["ds_reduce_bucket_size"], int), "an int (YAML reads 2e8 as a string)"
+
+
+# -- closed by default: token auth, the dashboard's address, who may connect -----------------------------
+
+PORTS = (8265, 10001, 6379)  # job API / dashboard, Ray client, GCS
+TOKEN_SECRET = "xsam-ray-token"
+
+
+def walk(node):
+    """Every dict and list inside a parsed YAML document."""
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from walk(child)
+
+
+def shell_words(command: str) -> list[str]:
+    return shlex.split(command.replace(";", " ; ").replace("(", " ( ").replace(")", " ) "))
+
+
+def test_ray_cluster_nodes_run_with_token_auth_from_a_file_fetched_from_ssm(cluster):
+    env = docker_env(cluster["docker"]["run_options"])  # every node: head and GPU workers
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert "RAY_AUTH_TOKEN" not in env, "the token itself is never in the cluster file"
+    token_path = Path(env["RAY_AUTH_TOKEN_PATH"])
+    mounts = [shlex.split(o)[1].split(":") for o in cluster["docker"]["run_options"] if o.startswith("-v ")]
+    (host_dir,) = [m[0] for m in mounts if m[1] == str(token_path.parent)]
+    assert [m[2] for m in mounts if m[1] == str(token_path.parent)] == ["ro"], "mounted read-only"
+    host_file = f"{host_dir}/{token_path.name}"
+    head_type = cluster["available_node_types"][cluster["head_node_type"]]
+    for where, cmds in (("head", head_type.get("initialization_commands", cluster["initialization_commands"])),
+                        ("gpu", gpu_node_type(cluster)["initialization_commands"])):
+        (fetch,) = [shell_words(c) for c in cmds if host_file in c]
+        assert fetch[fetch.index(">") + 1] == host_file, where
+        assert fetch[fetch.index("aws"):fetch.index("aws") + 3] == ["aws", "ssm", "get-parameter"], where
+        assert "--with-decryption" in fetch and ["umask", "077"] == fetch[fetch.index("umask"):][:2], where
+    for cmd in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]:
+        assert "RAY_AUTH_MODE" not in cmd, "one mode for every node, from the container environment"
+
+
+def test_ray_cluster_dashboard_listens_on_the_heads_private_ip(cluster):
+    (start,) = [c for c in cluster["head_start_ray_commands"] if "ray start --head" in c]
+    words = shell_words(start)
+    (host,) = [w.split("=", 1)[1] for w in words if w.startswith("--dashboard-host")]
+    assert host == "$HEAD_PRIVATE_IP", host
+    assigned = re.search(r"HEAD_PRIVATE_IP=\$\(curl [^)]*http://169\.254\.169\.254/latest/meta-data/local-ipv4\)",
+                         start)
+    assert assigned, "the private IP comes from the instance metadata (IMDSv2)"
+    assert start.index("HEAD_PRIVATE_IP=") < start.index("ray start"), "assigned before ray start"
+    assert "X-aws-ec2-metadata-token:" in start, "IMDSv2: a session token, not the v1 GET"
+
+
+def test_ray_cluster_security_groups_open_no_ray_port_to_the_internet(cluster):
+    head = cluster["available_node_types"][cluster["head_node_type"]]["node_config"]
+    assert head["SecurityGroupIds"], "a group of our own: Ray creates none"
+    for node in walk(cluster):
+        for perm in node.get("IpPermissions", []) if isinstance(node, dict) else []:
+            ranges = [r.get("CidrIp") for r in perm.get("IpRanges", [])] + [
+                r.get("CidrIpv6") for r in perm.get("Ipv6Ranges", [])]
+            if {"0.0.0.0/0", "::/0"} & set(ranges):
+                low, high = perm.get("FromPort", 0), perm.get("ToPort", 65535)
+                assert perm.get("IpProtocol") not in ("-1", "tcp") or not any(low <= p <= high for p in PORTS), perm
+    text = (REPO / "ray_cluster.yaml").read_text()
+    assert "--dashboard-host=0.0.0.0" not in text
+
+
+def matches(selector: dict | None, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels + matchExpressions In / NotIn / Exists)."""
+    if selector is None:
+        return False
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for e in selector.get("matchExpressions", []):
+        op, key = e["operator"], e["key"]
+        ok &= {"In": lambda: labels.get(key) in e["values"], "NotIn": lambda: labels.get(key) not in e["values"],
+               "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels}[op]()
+    return ok
+
+
+def admitted(policies: list[dict], target: dict, source: dict, source_ns: str, port: int) -> bool:
+    """Whether NetworkPolicy lets a pod (labels `source`, namespace `source_ns`) open `port` on `target`."""
+    selecting = [p for p in policies if matches(p["spec"]["podSelector"], target)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for policy in selecting:
+        own_ns = policy["metadata"]["namespace"]
+        for rule in policy["spec"].get("ingress", []):
+            if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+                continue
+            for peer in rule.get("from", [{}]) or [{}]:
+                ns_ok = (source_ns == own_ns if "namespaceSelector" not in peer
+                         else matches(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source_ns}))
+                pod_ok = "podSelector" not in peer or matches(peer["podSelector"], source)
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_cluster_is_closed_by_default(name):
+    job = rayjob(name)
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}
+    head_group, (worker_group,) = spec["headGroupSpec"], spec["workerGroupSpecs"]
+    assert head_group.get("serviceType", "ClusterIP") == "ClusterIP" and not head_group.get("enableIngress")
+    for node in walk(job):
+        if isinstance(node, dict) and node.get("name") == "RAY_AUTH_MODE":
+            assert node.get("value") == "token", "no container opts out of token auth"
+    for group in (head_group, worker_group):
+        pod = group["template"]["spec"]
+        assert not pod.get("hostNetwork"), "0.0.0.0 in the pod = the pod IP + loopback, nothing of the node"
+        assert not any("hostPort" in p for c in pod["containers"] for p in c.get("ports", []))
+    # KubeRay's own probes and kubectl port-forward use the pod's loopback; the pod IP is private
+    assert head_group["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    # who may connect: the policies, applied to the labels KubeRay gives these pods
+    policies = kind(INFRA / "kuberay" / "networkpolicy.yaml", "NetworkPolicy")
+    assert {p["metadata"]["namespace"] for p in policies} == {job["metadata"]["namespace"]}
+    head = {**head_group["template"]["metadata"]["labels"], "ray.io/node-type": "head", "ray.io/is-ray-node": "yes"}
+    worker = {**worker_group["template"]["metadata"]["labels"], "ray.io/node-type": "worker",
+              "ray.io/is-ray-node": "yes"}
+    submitter = {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": job["metadata"]["name"],
+                 "batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    stranger = {"app": "anything-else"}
+    ns = job["metadata"]["namespace"]
+    for port in PORTS:
+        assert admitted(policies, head, worker, ns, port), f"workers reach the head's {port}"
+        assert not admitted(policies, head, stranger, ns, port), f"another pod of the namespace: {port}"
+        assert not admitted(policies, head, stranger, "default", port), f"a pod elsewhere: {port}"
+        assert not admitted(policies, head, submitter, "default", port), "the submitter of another namespace"
+        assert admitted(policies, head, submitter, ns, port) == (port == 8265), f"submitter: 8265 only ({port})"
+        assert admitted(policies, head, operator, "kuberay-system", port) == (port == 8265), "operator"
+        assert not admitted(policies, worker, stranger, ns, port)
+    assert admitted(policies, worker, head, ns, 6379) and admitted(policies, worker, worker, ns, 12345)
+    header = (INFRA / "kuberay" / name).read_text()
+    assert f"create secret generic {TOKEN_SECRET}" in header and "--from-literal=auth_token=" in header
+    assert "kubectl apply -f infra/kuberay/networkpolicy.yaml" in header
+
+
+def test_guide_reaches_the_job_api_through_a_tunnel_with_the_token():
+    readme = (INFRA / "README.md").read_text()
+    assert "ssh -N -L 8265:" in readme and "kubectl -n xsam port-forward" in readme
+    assert "RAY_AUTH_TOKEN" in readme and "RAY_AUTH_MODE=token" in readme
+    assert f"create secret generic {TOKEN_SECRET}" in readme and "networkpolicy.yaml" in readme
+    assert "0.0.0.0/0" not in readme.replace("no `0.0.0.0/0`", ""), "never tells to open a port to everyone"
+
+
+# -- the token authentication the cluster files set, on a real local head --------------------------------
+
+@pytest.mark.integration
+def test_token_auth_closes_the_job_api_and_the_test_head_stops_alone(tmp_path):
+    """RAY_AUTH_MODE=token with the token in a file (RAY_AUTH_TOKEN_PATH, as ray_cluster.yaml's nodes get
+    it) refuses the job API without the token and admits `ray job` with RAY_AUTH_TOKEN (infra/README.md's
+    client side). Stopping the head ends its own processes only: a process `ray stop` would kill (its
+    command line names default_worker.py) lives on."""
+    import secrets
+    import urllib.error
+    import urllib.request
+
+    import psutil
+    from helpers import RAY_CLI, ray_head
+
+    token = secrets.token_hex(32)
+    token_file = tmp_path / "ray-auth-token"
+    token_file.write_text(token + "\n")  # as `aws ssm get-parameter --output text` writes it
+    token_file.chmod(0o600)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    neighbour = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "default_worker.py"])
+    try:
+        with ray_head({**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}, 1) as head:
+            tree = [p.pid for p in psutil.Process(head.proc.pid).children(recursive=True)]
+            assert len(tree) >= 3, "gcs_server, raylet, dashboard at least"
+            for headers in ({}, {"Authorization": f"Bearer {secrets.token_hex(32)}"}):  # none, a wrong one
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(urllib.request.Request(f"{head.dashboard}/api/jobs/", headers=headers),
+                                           timeout=30)
+                assert refused.value.code in (401, 403), headers
+            client = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+            listed = subprocess.run([RAY_CLI, "job", "list", "--address", head.dashboard], env=client,
+                                    capture_output=True, text=True, timeout=120)
+            assert listed.returncode == 0, listed.stderr[-2000:]
+        assert head.proc.poll() is not None
+        assert not [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        assert not any(head.temp_dir in " ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"]))
+        assert neighbour.poll() is None, "a process ray stop would have ended is untouched"
+    finally:
+        neighbour.kill()
+        neighbour.wait()
