@@ -61,7 +61,7 @@ CATEGORIES = [{"id": i, "name": f"category {i}", "isthing": int(i <= 80), "super
 def make_shards(work: Path, images: int, categories: int) -> str:
     """COCO-like shards with `categories` classes (133 as COCO panoptic, capped by the S1 head's width)."""
     out = work / f"shards-{images}-{categories}"
-    if (out / DATASET / SPLIT / "manifest.json").exists():
+    if (out / "_meta" / DATASET / SPLIT / "manifest.json").exists():  # xsam.data.shards.manifest_location
         return str(out)
     root = work / "src" / "coco_panoptic"
     cats = [c for c in CATEGORIES if c["id"] <= categories // 2] + \

@@ -34,7 +34,7 @@ def _run(tmp_path, entries, names=(DS,)):
 
 
 def _quarantine(out, split="train"):
-    lines = (Path(out) / DS / split / "quarantine.jsonl").read_text().splitlines()
+    lines = (Path(out) / "_meta" / DS / split / "quarantine.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
@@ -169,4 +169,4 @@ def test_missing_annotation_file_fails_only_that_dataset(fx):
     assert "panoptic_val.json" in outcomes[(DS, "val")].error
     assert outcomes[("fixture_coco_semantic", "val")].status == "failed"
     assert outcomes[(DS, "train")].status == "converted"
-    assert read_manifest(str(Path(out) / DS / "train" / "manifest.json")).num_samples == 6
+    assert read_manifest(str(Path(out) / "_meta" / DS / "train" / "manifest.json")).num_samples == 6

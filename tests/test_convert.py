@@ -43,7 +43,7 @@ def test_rerun_gives_identical_bytes_and_sorted_members(fx):
             members = tar.getmembers()
             assert [m.name for m in members] == sorted(m.name for m in members)
             assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
-    ma = read_manifest(str(tmp / "a" / "fixture_coco_panoptic" / "train" / "manifest.json"))
+    ma = read_manifest(str(tmp / "a" / "_meta" / "fixture_coco_panoptic" / "train" / "manifest.json"))
     assert ma.num_samples == 6 and [s.num_samples for s in ma.shards] == [2, 2, 2]
     import hashlib
 
@@ -111,7 +111,7 @@ def test_damaged_committed_shard_is_rewritten(fx):
     convert(entries, data, out, max_samples=2, log=lambda _: None)
     good = _tars(out)
     split = Path(out) / "fixture_coco_panoptic" / "train"
-    (split / "manifest.json").unlink()
+    (Path(out) / "_meta" / "fixture_coco_panoptic" / "train" / "manifest.json").unlink()
     shard = split / "fixture_coco_panoptic-train-000001.tar"
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated after its commit record
     outcomes = {(o.dataset, o.split): o for o in convert(entries, data, out, max_samples=2, log=lambda _: None)}
@@ -123,14 +123,16 @@ def test_shards_cut_by_bytes_and_stale_shards_removed(fx):
     tmp, entries, data = fx
     out = str(tmp / "out")
     convert(entries, data, out, max_bytes=1, log=lambda _: None)  # every sample alone
-    m = read_manifest(str(Path(out) / "fixture_coco_panoptic" / "train" / "manifest.json"))
+    m = read_manifest(str(Path(out) / "_meta" / "fixture_coco_panoptic" / "train" / "manifest.json"))
     assert [s.num_samples for s in m.shards] == [1] * 6
     convert(entries, data, out, log=lambda _: None)  # settings changed: one shard per split now
-    m = read_manifest(str(Path(out) / "fixture_coco_panoptic" / "train" / "manifest.json"))
+    m = read_manifest(str(Path(out) / "_meta" / "fixture_coco_panoptic" / "train" / "manifest.json"))
     assert len(m.shards) == 1
     left = sorted(p.name for p in (Path(out) / "fixture_coco_panoptic" / "train").rglob("*") if p.is_file())
-    assert left == ["fixture_coco_panoptic-train-000000.json", "fixture_coco_panoptic-train-000000.tar",
-                    "manifest.json", "quarantine.jsonl"]
+    assert left == ["fixture_coco_panoptic-train-000000.tar"]  # the shards' folder holds tars only
+    meta = Path(out) / "_meta" / "fixture_coco_panoptic" / "train"
+    assert sorted(str(p.relative_to(meta)) for p in meta.rglob("*") if p.is_file()) == [
+        "manifest.json", "parts/fixture_coco_panoptic-train-000000.json", "quarantine.jsonl"]
 
 
 def test_shard_failure_fails_its_split_only(fx):
@@ -149,7 +151,7 @@ def test_shard_failure_fails_its_split_only(fx):
     assert outcomes["fixture_coco_semantic"].status == "failed"
     assert "disk full" in outcomes["fixture_coco_semantic"].error
     assert outcomes["fixture_coco_panoptic"].status == "converted"
-    assert not (Path(out) / "fixture_coco_semantic" / "val" / "manifest.json").exists()
+    assert not (Path(out) / "_meta" / "fixture_coco_semantic" / "val" / "manifest.json").exists()
 
 
 def test_replaced_image_of_same_size_rebuilds_its_split(fx):
@@ -166,3 +168,78 @@ def test_replaced_image_of_same_size_rebuilds_its_split(fx):
                         ("fixture_coco_semantic", "val"): "up-to-date"}
     sample_bytes = {img for _, img, _ in read_split(out, "fixture_coco_panoptic", "train").values()}
     assert bytes(raw) in sample_bytes
+
+
+def test_a_split_whose_every_sample_is_quarantined_fails_and_keeps_the_earlier_shards(fx):
+    from xsam.data.shards import manifest_location
+
+    tmp, entries, data = fx
+    out = str(tmp / "out")
+    convert(entries, data, out, max_samples=2, log=lambda _: None)
+    good = _tars(out)
+    manifest = Path(manifest_location(out, "fixture_coco_panoptic", "train")).read_bytes()
+    for image in (Path(data) / "coco_panoptic" / "images" / "train").iterdir():
+        image.write_bytes(b"not an image at all")  # every train sample is now quarantined
+    logged = []
+    outcomes = {(o.dataset, o.split): o for o in convert(entries, data, out, max_samples=2, log=logged.append)}
+    failed = outcomes[("fixture_coco_panoptic", "train")]
+    assert failed.status == "failed" and failed.manifest is None
+    assert "0 good samples: all 6 records were quarantined - top reasons:" in failed.error
+    assert any(line.startswith("[convert] fixture_coco_panoptic/train: FAILED: 0 good samples") for line in logged)
+    assert outcomes[("fixture_coco_panoptic", "val")].status == "up-to-date"
+    assert _tars(out) == good  # no shard of the earlier run was replaced, its manifest still describes them
+    assert Path(manifest_location(out, "fixture_coco_panoptic", "train")).read_bytes() == manifest
+    quarantined = [json.loads(x) for x in (Path(out) / "_meta" / "fixture_coco_panoptic" / "train"
+                                           / "quarantine.jsonl").read_text().splitlines()]
+    assert len(quarantined) == 6 and quarantined[0]["reason"] in failed.error
+
+
+def test_the_cli_exits_nonzero_for_a_split_with_no_good_sample(fx):
+    import subprocess
+    import sys
+
+    tmp, _, data = fx
+    for image in (Path(data) / "coco_panoptic" / "images" / "val").iterdir():
+        image.write_bytes(b"garbage")
+    res = subprocess.run([sys.executable, "-m", "xsam.pipelines.convert", "--registry", str(tmp / "fx" / "registry"),
+                          "--data-root", data, "--output", str(tmp / "out"), "--serial"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "FAILED fixture_coco_panoptic/val: 0 good samples" in res.stderr
+    assert "1 split(s) ready" in res.stdout  # the train split converted
+
+
+def test_a_label_space_name_is_bound_to_one_category_list(tmp_path):
+    from xsam.data.label_spaces import LabelSpaceClash
+    from xsam.data.shards import manifest_location
+    from xsam.train.shard_index import ShardIndex
+
+    generate(tmp_path / "fx", ["coco_panoptic", "semantic_png"])
+    registry = tmp_path / "fx" / "registry"
+    png = registry / "fixture_semantic_png.yaml"
+    png.write_text(png.read_text().replace("label_space: fixture_semantic_png", "label_space: fixture_coco_panoptic"))
+    entries, problems = load_registry(registry)
+    assert not problems
+    data, out = str(tmp_path / "fx" / "data"), str(tmp_path / "out")
+    # in one run: the later split fails, naming both datasets and the first differing category
+    outcomes = {(o.dataset, o.split): o for o in convert(list(entries.values()), data, out, log=lambda _: None)}
+    bad = outcomes[("fixture_semantic_png", "val")]
+    assert bad.status == "failed" and "label space 'fixture_coco_panoptic' of fixture_semantic_png/val" in bad.error
+    assert "differs from the one of fixture_coco_panoptic/train: category #0:" in bad.error
+    assert not (Path(out) / "fixture_semantic_png").exists()  # refused before any shard was written
+    assert {o.status for k, o in outcomes.items() if k[0] != "fixture_semantic_png"} == {"converted"}
+    # in a later run, against what the output tree already binds
+    (again,) = convert([entries["fixture_semantic_png"]], data, out, log=lambda _: None)
+    assert again.status == "failed" and "fixture_coco_panoptic/" in again.error
+    # training refuses a tree that binds one name twice (e.g. written before this check)
+    ok_png = convert([entries["fixture_semantic_png"]], data, str(tmp_path / "other"), log=lambda _: None)
+    assert ok_png[0].status == "converted"
+    import shutil
+
+    shutil.copytree(tmp_path / "other" / "fixture_semantic_png", Path(out) / "fixture_semantic_png")
+    shutil.copytree(tmp_path / "other" / "_meta" / "fixture_semantic_png", Path(out) / "_meta" / "fixture_semantic_png")
+    index = ShardIndex.build(out, [("fixture_coco_panoptic", "train"), ("fixture_semantic_png", "val")], cache=False)
+    with pytest.raises(LabelSpaceClash, match="fixture_semantic_png/val differs from the one of "
+                                              "fixture_coco_panoptic/train: category #0"):
+        index.label_spaces()
+    assert Path(manifest_location(out, "fixture_semantic_png", "val")).exists()

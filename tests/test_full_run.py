@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port  # tests/ is on sys.path (conftest)
+from helpers import process_tree, ray_head, stop_processes  # tests/ is on sys.path (conftest)
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -33,18 +33,12 @@ def _steps(work: Path) -> dict:
 def submitted(tmp_path_factory):
     """One full run submitted as a Ray job to a local head (started and stopped here)."""
     work = tmp_path_factory.mktemp("job")
-    port, dash = free_port(), free_port()
     # a throwaway head on loopback: no token auth (Ray 2.60 would otherwise ask the job client for one)
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    str(dash), "--num-cpus", "2", "--include-dashboard", "true"], check=True, env=env,
-                   capture_output=True, timeout=120)
-    try:
-        proc = subprocess.run([RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
+    with ray_head(env) as head:  # stops this head's own processes only, never every Ray on the machine
+        proc = subprocess.run([RAY, "job", "submit", "--address", head.dashboard, "--working-dir",
                                str(ROOT), "--", sys.executable, *_args(work)],
                               capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
     return work, proc
 
 
@@ -75,7 +69,7 @@ def test_ray_job_submit_runs_the_workflow_to_a_selected_model(submitted):
 
     table = mlflow.artifacts.load_dict(f"{wf.info.artifact_uri}/comparison.json")
     assert len(table["rows"]) == len(found) and table["benchmarks"]
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{wf.info.run_id}'")
+    children = client.search_runs([exp.experiment_id], f"tags.`xsam.parent_run` = '{wf.info.run_id}'")
     assert {"convert", "s1", "s2", "s3", "candidates", "evaluate"} <= {c.data.tags.get("xsam.step") for c in children}
     assert {"s1", "s2", "s3"} <= {c.data.tags.get("xsam.stage") for c in children}  # the training runs nest too
 
@@ -86,11 +80,27 @@ def test_rerun_skips_every_step(submitted):
     proc = subprocess.run([sys.executable, *_args(work)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for step in ("convert", "s1", "s2", "s3", "candidates", "evaluate"):
-        assert f"[full_run] {step}: skipped (up to date)" in proc.stdout
+        assert f"[full_run] {step}: skipped (up to date)" in proc.stderr  # progress: logging (stderr)
     assert _steps(work) == before
     # the champion is read back from the registry, not from the skipped step's record
     champion = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_model_version_by_alias("xsam", "champion")
     assert f"xsam@champion = version {champion.version} (" in proc.stdout
+
+
+def test_readme_single_stage_example_trains_s3_from_the_workflows_exports(submitted):
+    """README: after the workflow, `train.py --stage s3 --profile local zero_stage=3 lr=1e-4` trains S3 from
+    the S1 and S2 exports the workflow recorded (the profile's init_from: [s1, s2], resolved in --workdir)."""
+    work, _ = submitted
+    steps = _steps(work)
+    proc = subprocess.run([sys.executable, "pipelines/train.py", "--stage", "s3", "--profile", "local", "--workdir",
+                           str(work), "zero_stage=3", "lr=1e-4", *_args(work)[3:], "max_steps=2", "run_name=readme-s3"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    export = work / "runs" / "readme-s3" / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["train_config"]["init_from"] == [steps["s1"]["outputs"]["export"], steps["s2"]["outputs"]["export"]]
+    assert {f"init:{steps[s]['outputs']['export']}" for s in ("s1", "s2")} <= set(manifest["init_reports"])
+    assert manifest["train_config"]["zero_stage"] == 3 and manifest["train_config"]["lr"] == 1e-4
 
 
 def test_killed_run_resumes_to_the_same_result(submitted, tmp_path):
@@ -102,12 +112,20 @@ def test_killed_run_resumes_to_the_same_result(submitted, tmp_path):
         assert proc.poll() is None and time.time() < deadline, "the run ended before S1 finished"
         time.sleep(0.5)
     time.sleep(3)
+    local_ray = process_tree(proc.pid)  # the run's own local Ray: stopped below, no other Ray touched
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    stop_processes(local_ray)
     assert not (tmp_path / "steps" / "evaluate.json").exists()
     again = subprocess.run([sys.executable, *_args(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[full_run] s1: skipped (up to date)" in again.stdout
+    assert "[full_run] s1: skipped (up to date)" in again.stderr
+    # output people can read (issue 12): at most 60 lines for S2 + S3 + evaluate, one progress line per
+    # training stage, none of Ray Train's per-report dicts or the cleaner's warnings, the summary last
+    lines = (again.stdout + again.stderr).splitlines()
+    assert len(lines) <= 60, "\n".join(lines)
+    assert not [ln for ln in lines if "Reporting training result" in ln or "PlacementGroupCleaner" in ln]
+    assert any("[train s3] step" in ln and "samples/s" in ln for ln in lines)
+    assert [ln for ln in again.stdout.splitlines() if ln.strip()][-1].lstrip().startswith(("model:", "open the UI"))
     first, second = _steps(work)["evaluate"]["outputs"], _steps(tmp_path)["evaluate"]["outputs"]
     assert second["metrics"] == pytest.approx(first["metrics"], abs=1e-6)

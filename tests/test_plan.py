@@ -232,11 +232,11 @@ def test_mixture_records_come_from_the_manifests(shards, tmp_path):
 
     out, _ = shards
     got = sources(out, ["fixture_refcoco/train", "refcocog/train"])
-    m = read_manifest(f"{out}/fixture_refcoco/train/manifest.json")
+    m = read_manifest(f"{out}/_meta/fixture_refcoco/train/manifest.json")
     assert got["fixture_refcoco/train"].records == m.num_records > m.num_samples
     assert got["fixture_refcoco/train"].records_basis == "manifest"
     assert got["refcocog/train"].records == PUBLIC_RECORDS["refcocog/train"]
-    old = tmp_path / "fixture_refcoco" / "train"
+    old = tmp_path / "_meta" / "fixture_refcoco" / "train"
     old.mkdir(parents=True)
     (old / "manifest.json").write_text(m.model_copy(update={"num_records": None}).model_dump_json())
     before = sources(str(tmp_path), ["fixture_refcoco/train"])["fixture_refcoco/train"]

@@ -11,6 +11,7 @@ from xsam.data.convert import convert
 from xsam.data.fixtures import generate
 from xsam.data.fixtures.coco_instances import THING_CATEGORIES
 from xsam.data.registry import load_registry
+from xsam.eval.instance import InstanceAccumulator, segment_ground_truth
 
 DS = "fixture_coco_instances"
 
@@ -47,7 +48,7 @@ def test_instances_masks_equal_source_pixel_for_pixel(tmp_path):
                 assert (seg.category_id, seg.iscrowd) == (cat, crowd)
                 assert seg.mask.size == (t["height"], t["width"])
                 np.testing.assert_array_equal(mask_of(seg.mask), mask)
-                assert seg.area == int(mask.sum())
+                assert seg.area == int(mask.sum()) == seg.source_area  # the fixture's `area` is the pixel count
                 ys, xs = np.nonzero(mask)
                 assert seg.bbox == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
             assert not sample.visual_prompts and sample.ignore_mask is None
@@ -71,7 +72,7 @@ def _run(tmp_path, entries, names=(DS,)):
 
 
 def _quarantined(out, split="train"):
-    return [json.loads(line) for line in (Path(out) / DS / split / "quarantine.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(out) / "_meta" / DS / split / "quarantine.jsonl").read_text().splitlines()]
 
 
 def _annotation(doc, kind, crowd=0):
@@ -191,3 +192,33 @@ def test_lvis_image_records_without_file_name_resolve_through_coco_url(fx):
     assert outcomes[(DS, "train")].manifest.num_samples == 5
     got = read_split(str(tmp / "out"), DS, "train")
     assert {s.image.file_name for s, _, _ in got.values()} == {f"train/{int(i):012d}.jpg" for i in got}
+
+
+def test_source_area_is_kept_and_decides_coco_size_ranges(fx):
+    """COCO's small / medium / large split uses the annotation's own `area` (pycocotools reads it from
+    the GT file): the shard keeps it beside the mask's pixel count, and the AP ground truth uses it."""
+    tmp, entries, path, doc = fx
+    i, ann = _annotation(doc, "polygon")
+    doc["annotations"][i]["area"] = 96.0 ** 2 + 1  # "large", whatever the polygon's pixel count
+    doc["annotations"][_annotation(doc, "compressed_rle")[0]].pop("area")
+    path.write_text(json.dumps(doc))
+    out, outcomes = _run(tmp, entries)
+    assert outcomes[(DS, "train")].manifest.num_quarantined == 0
+    segments = {s.id: s for sample, _, _ in read_split(out, DS, "train").values() for s in sample.segments}
+    seg = segments[ann["id"]]
+    assert seg.source_area == 96.0 ** 2 + 1 and seg.area < 96 ** 2  # fixture images are at most 96 x 80
+    assert segments[_annotation(doc, "compressed_rle")[1]["id"]].source_area is None  # no `area` in the source
+    gt = segment_ground_truth(seg)
+    assert gt["area"] == 96.0 ** 2 + 1
+    by_area = {}
+    for name, g in (("source", gt), ("pixels", {**gt, "area": None})):
+        acc = InstanceAccumulator([seg.category_id])
+        acc.add([g], [{"mask": g["mask"], "category_id": seg.category_id, "score": 0.9}])
+        by_area[name] = acc.result()
+    assert by_area["source"]["APl"] == pytest.approx(100.0) and np.isnan(by_area["source"]["APs"])
+    pixel_range = "APs" if seg.area < 32 ** 2 else "APm"
+    assert by_area["pixels"][pixel_range] == pytest.approx(100.0) and np.isnan(by_area["pixels"]["APl"])
+    doc["annotations"][i]["area"] = -1
+    path.write_text(json.dumps(doc))
+    _, outcomes = _run(tmp, entries)
+    assert outcomes[(DS, "train")].manifest.num_quarantined == 1  # a negative area is refused, naming it

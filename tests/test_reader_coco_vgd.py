@@ -81,8 +81,8 @@ def test_prompts_are_identical_across_conversions_and_independent_of_the_other_i
     second = _convert(tmp, entry, "out2")
     for split in ("train", "val"):
         assert _prompts(first, split) == _prompts(second, split)
-        m1 = read_manifest(str(Path(first) / DS / split / "manifest.json"))
-        m2 = read_manifest(str(Path(second) / DS / split / "manifest.json"))
+        m1 = read_manifest(str(Path(first) / "_meta" / DS / split / "manifest.json"))
+        m2 = read_manifest(str(Path(second) / "_meta" / DS / split / "manifest.json"))
         assert [s.sha256 for s in m1.shards] == [s.sha256 for s in m2.shards]  # byte-identical shards
     # keep one image in the source: its prompts do not move (no dependence on order or neighbours)
     path = tmp / "fx" / "data" / "coco_vgd" / "annotations" / "instances_train.json"
@@ -114,7 +114,7 @@ def test_invalid_rle_in_a_vgd_source_is_quarantined(fx):
     ann["segmentation"]["size"] = [3, 4]
     path.write_text(json.dumps(doc))
     out = _convert(tmp, entry, "out")
-    lines = (Path(out) / DS / "val" / "quarantine.jsonl").read_text().splitlines()
+    lines = (Path(out) / "_meta" / DS / "val" / "quarantine.jsonl").read_text().splitlines()
     (q,) = [json.loads(line) for line in lines]
     assert q["source_id"] == str(ann["image_id"]) and q["field"] == f"annotations.{i}.segmentation.size"
     assert "RLE size [3, 4] != image size" in q["reason"]

@@ -95,7 +95,7 @@ def _quarantined(tmp, entries, name, split, expect_read, disjoint=True):
     out, outcomes = _run(tmp, entries, [name])
     o = outcomes[(name, split)]
     assert o.status == "converted", o.error
-    lines = [json.loads(x) for x in (Path(out) / name / split / "quarantine.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (Path(out) / "_meta" / name / split / "quarantine.jsonl").read_text().splitlines()]
     assert o.manifest.num_read == expect_read
     assert o.manifest.num_samples + len(lines) == expect_read
     if disjoint:  # (a duplicate id is quarantined while its first record converts)
@@ -168,14 +168,49 @@ def test_grandf_non_utf8_phrase_is_quarantined(fx):
     assert q["field"].startswith("1.groundings.")
 
 
-def test_refcocog_sentence_missing_from_the_caption_is_quarantined(fx):
+def test_refcocog_ref_missing_from_the_caption_is_skipped_as_glamm_does(fx):
+    """GLaMM (and X-SAM) skip a ref whose sentence is not in the caption and keep the others; a record
+    left with no ref is quarantined. The caption loses its surrounding quotes first, as in GLaMM."""
     tmp, entries, data = fx
     path = data / "gcg_refcocog" / "annotations" / "RefCOCOg_GCG_train.json"
-    doc = _edit(path, lambda d: next(iter(d[1].values()))["refs"][1].update(sentence="a purple elephant"))
-    (q,) = _quarantined(tmp, entries, "fixture_gcg_refcocog", "train", 4)
-    key = next(iter(doc[1]))
-    assert q["source_id"] == key and "not in the caption" in q["reason"]
-    assert q["field"] == f"1.{key}.refs.1.sentence"
+
+    def mutate(d):
+        rec1, rec2 = next(iter(d[1].values())), next(iter(d[2].values()))
+        rec1["refs"][1]["sentence"] = "a purple elephant"
+        rec1["caption"] = f'"{rec1["caption"]}"'
+        for ref in rec2["refs"]:
+            ref["sentence"] = "a purple elephant"
+
+    doc = _edit(path, mutate)
+    (key1, rec1), (key2, _) = next(iter(doc[1].items())), next(iter(doc[2].items()))
+    out, outcomes = _run(tmp, entries, ["fixture_gcg_refcocog"])
+    m = outcomes[("fixture_gcg_refcocog", "train")].manifest
+    assert (m.num_read, m.num_samples, m.num_quarantined) == (4, 3, 1)
+    # the skipped ref of the kept record (the refs of the quarantined record are not counted twice)
+    assert m.excluded == {"RefCOCOg-GCG ref whose sentence is not in the caption (skipped, as GLaMM does)": 1}
+    lines = [json.loads(x) for x in (Path(out) / "_meta" / "fixture_gcg_refcocog" / "train" / "quarantine.jsonl")
+             .read_text().splitlines()]
+    assert [(q["source_id"], q["field"]) for q in lines] == [(key2, f"2.{key2}.refs.0.sentence")]
+    assert "no ref sentence is in the caption" in lines[0]["reason"]
+    gcg = read_split(out, "fixture_gcg_refcocog", "train")[key1][0].gcg
+    assert gcg.caption == rec1["caption"][1:-1]
+    kept = [r["sentence"] for j, r in enumerate(rec1["refs"]) if j != 1]
+    assert sorted(p.text.lower() for p in gcg.phrases) == sorted(s.lower() for s in kept)
+    assert all(gcg.caption[p.start:p.end] == p.text for p in gcg.phrases)
+
+
+def test_grandf_offsets_apply_to_the_caption_without_its_quotes(fx):
+    """GLaMM strips the caption's surrounding double quotes and spaces before using token_positives."""
+    tmp, entries, data = fx
+    path = data / "gcg_grandf" / "annotations" / "GranDf_HA_GCG_train.json"
+    doc = _edit(path, lambda d: d[1].update(caption=f'"{d[1]["caption"]}"'))
+    out, outcomes = _run(tmp, entries, ["fixture_gcg_grandf"])
+    assert outcomes[("fixture_gcg_grandf", "train")].manifest.num_quarantined == 0
+    gcg = read_split(out, "fixture_gcg_grandf", "train")[str(doc[1]["image_id"])][0].gcg
+    assert gcg.caption == doc[1]["caption"][1:-1]
+    spans = sorted(tuple(g["token_positives"]) for g in doc[1]["groundings"].values())
+    assert [(p.start, p.end) for p in gcg.phrases] == spans
+    assert all(gcg.caption[p.start:p.end] == p.text for p in gcg.phrases)
 
 
 def test_refcocog_bad_polygon_and_malformed_record(fx):

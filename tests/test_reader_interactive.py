@@ -67,7 +67,7 @@ def _one_quarantined(tmp, entries, doc, path):
     out, o = _run(tmp, entries, doc, path)
     assert o.status == "converted", o.error
     assert (o.manifest.num_read, o.manifest.num_samples, o.manifest.num_quarantined) == (4, 3, 1)
-    (q,) = [json.loads(x) for x in (Path(out) / DS / "val" / "quarantine.jsonl").read_text().splitlines()]
+    (q,) = [json.loads(x) for x in (Path(out) / "_meta" / DS / "val" / "quarantine.jsonl").read_text().splitlines()]
     assert q["source_id"] not in read_split(out, DS, "val")
     return q
 

@@ -9,7 +9,7 @@ from xsam.data import storage
 from xsam.data.convert import convert, serial_executor
 from xsam.data.fixtures import generate
 from xsam.data.registry import load_registry
-from xsam.data.shards import split_dir
+from xsam.data.shards import meta_dir, split_dir
 
 NAME = "fixture_reason_seg"
 
@@ -28,7 +28,7 @@ def _convert(tmp: Path, mutate=None):
 
 
 def _quarantine(out: str, split: str) -> list[dict]:
-    text = storage.read_bytes(storage.join(split_dir(out, NAME, split), "quarantine.jsonl")).decode()
+    text = storage.read_bytes(storage.join(meta_dir(out, NAME, split), "quarantine.jsonl")).decode()
     return [json.loads(line) for line in text.splitlines()]
 
 
@@ -61,8 +61,8 @@ def test_labelme_targets_ignore_region_and_explanations_match_the_truth(tmp_path
 
 
 @pytest.mark.parametrize("edit, field", [
-    # Latin-1 bytes in a query: the JSON is still parsed, the text is refused
-    (lambda raw: raw.replace(b'"text": ["', b'"text": ["caf\xe9 ', 1), "text.0"),
+    # a byte that is neither UTF-8 nor cp1252 (0x81 is undefined there): the file is refused
+    (lambda raw: raw.replace(b'"text": ["', b'"text": ["caf\x81 ', 1), None),
     (lambda raw: raw.replace(b'"is_sentence": ', b'"is_sentence": "maybe", "x": ', 1), "is_sentence"),
     (lambda raw: raw.replace(b'"shape_type": "polygon"', b'"shape_type": "circle"', 1), "shapes.{i}.shape_type"),
     (lambda raw: raw[: len(raw) // 2], None),  # truncated JSON
@@ -132,3 +132,41 @@ def test_malformed_explanation_record_quarantines_its_image(tmp_path):
     [q] = _quarantine(out, "train")
     assert (q["source_id"], q["field"]) == (state["name"], "1.outputs")
     assert q["file"].endswith("explanatory/train.json")
+
+
+def test_cp1252_file_is_read_and_smaller_shapes_paint_over_larger_ones(tmp_path):
+    """LISA's reading of a ReasonSeg JSON: cp1252 when it is not UTF-8, shapes painted largest first."""
+    state = {}
+
+    def rewrite(root, truth):
+        name = sorted(truth["val"])[0]
+        w, h = truth["val"][name]["width"], truth["val"][name]["height"]
+        rect = [{"label": label, "points": [[x0, y0], [x1, y1]], "shape_type": "rectangle"}
+                for label, (x0, y0, x1, y1) in (("ignore", (2, 2, 30, 30)), ("target", (10, 10, 20, 20)),
+                                                ("target", (24, 4, 40, 36)), ("ignore", (26, 8, 32, 14)),
+                                                ("target", (3, 3, 8, 8)), ("ignore", (1, 1, 12, 12)))]
+        doc = {"text": ["the \u201clid\u201d of the caf\u00e9 box"], "is_sentence": True, "shapes": rect,
+               "imageHeight": h, "imageWidth": w}
+        (root / "val" / (name[:-4] + ".json")).write_bytes(json.dumps(doc, ensure_ascii=False).encode("cp1252"))
+        state.update(name=name, w=w, h=h)
+
+    _, out, outcomes = _convert(tmp_path, rewrite)
+    assert outcomes["val"].manifest.num_quarantined == 0
+    sample = read_split(out, NAME, "val")[state["name"]][0]
+    assert sample.reasoning[0].queries == ["the \u201clid\u201d of the caf\u00e9 box"]
+
+    def box(x0, y0, x1, y1):  # pycocotools' raster of a rectangle polygon: pixels x0..x1-1, y0..y1-1
+        m = np.zeros((state["h"], state["w"]), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    # target (10..20) inside the larger ignore (2..30) stays target; the small ignore (26..32, 8..14) cuts
+    # the larger target (24..40); the small target (3..8) inside the ignore (1..12), itself inside the
+    # larger ignore, is painted last and stays target
+    t1, t2, t3 = box(10, 10, 20, 20), box(24, 4, 40, 36) & ~box(26, 8, 32, 14), box(3, 3, 8, 8)
+    ignore = (box(2, 2, 30, 30) | box(26, 8, 32, 14) | box(1, 1, 12, 12)) & ~t1 & ~t2 & ~t3
+    assert [s.id for s in sample.segments] == [1, 2, 3] and sample.reasoning[0].segment_ids == [1, 2, 3]
+    for seg, expected in zip(sample.segments, (t1, t2, t3)):
+        np.testing.assert_array_equal(mask_of(seg.mask), expected)
+        assert seg.area == int(expected.sum())
+    np.testing.assert_array_equal(mask_of(sample.ignore_mask), ignore)

@@ -8,7 +8,7 @@ from xsam.data import storage
 from xsam.data.convert import convert, serial_executor
 from xsam.data.fixtures import generate
 from xsam.data.registry import load_registry
-from xsam.data.shards import split_dir
+from xsam.data.shards import meta_dir, split_dir
 
 MIX = "fixture_llava_mix665k"
 PRE = "fixture_llava_pretrain"
@@ -29,7 +29,7 @@ def _convert(tmp: Path, mutate=None):
 
 
 def _quarantine(out: str, dataset: str) -> list[dict]:
-    text = storage.read_bytes(storage.join(split_dir(out, dataset, "train"), "quarantine.jsonl")).decode()
+    text = storage.read_bytes(storage.join(meta_dir(out, dataset, "train"), "quarantine.jsonl")).decode()
     return [json.loads(line) for line in text.splitlines()]
 
 

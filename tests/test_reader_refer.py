@@ -11,7 +11,7 @@ from xsam.data.convert import convert, serial_executor
 from xsam.data.fixtures import generate
 from xsam.data.fixtures.refer import _py2, py2_pickle
 from xsam.data.registry import load_registry
-from xsam.data.shards import read_manifest, split_dir
+from xsam.data.shards import read_manifest, meta_dir, split_dir
 
 REFS_P = "refcoco/refs(unc).p"
 
@@ -38,7 +38,7 @@ def _convert(tmp: Path, mutate=None):
 
 
 def _quarantine(out: str, dataset: str, split: str) -> list[dict]:
-    text = storage.read_bytes(storage.join(split_dir(out, dataset, split), "quarantine.jsonl")).decode()
+    text = storage.read_bytes(storage.join(meta_dir(out, dataset, split), "quarantine.jsonl")).decode()
     return [json.loads(line) for line in text.splitlines()]
 
 
@@ -114,7 +114,7 @@ def test_ann_id_of_another_image_quarantines_the_image_naming_the_field(tmp_path
     assert "424242" in q["reason"] and q["file"].endswith(REFS_P)
     got = read_split(out, "fixture_refcoco", "train")
     assert set(got) == set(made["fixture_refcoco"].truth["train"]) - {"480000"}
-    manifest = read_manifest(storage.join(split_dir(out, "fixture_refcoco", "train"), "manifest.json"))
+    manifest = read_manifest(storage.join(meta_dir(out, "fixture_refcoco", "train"), "manifest.json"))
     assert (manifest.num_read, manifest.num_samples, manifest.num_quarantined) == (3, 2, 1)
 
 

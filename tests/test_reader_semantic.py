@@ -10,7 +10,10 @@ from PIL import Image
 
 from xsam.data.convert import convert
 from xsam.data.fixtures import generate
+from xsam.data.fixtures.ade20k_tables import object_info_csv, object_info_txt
 from xsam.data.fixtures.semantic import ADE_CATEGORIES, PNG_CATEGORIES
+from xsam.data.readers.ade20k_names import ADE20K_150_NAMES
+from xsam.data.readers.semantic import parse_object_info
 from xsam.data.registry import load_registry
 from xsam.data.shards import read_manifest
 
@@ -40,8 +43,8 @@ def test_label_maps_equal_source_pixel_for_pixel(tmp_path):
     assert all(o.status == "converted" and o.manifest.num_quarantined == 0 for o in outcomes), outcomes
     manifests = {(o.dataset, o.split): o.manifest for o in outcomes}
     assert manifests[(PNG, "val")].categories == PNG_CATEGORIES
-    assert manifests[(ADE, "val")].categories == ADE_CATEGORIES
-    assert [c["name"] for c in ADE_CATEGORIES][:4] == ["wall", "building", "sky", "floor"]  # first synonym
+    # train reads objectInfo150.csv, val objectInfo150.txt: the same 150 names
+    assert manifests[(ADE, "val")].categories == manifests[(ADE, "train")].categories == ADE_CATEGORIES
     for name in (PNG, ADE):
         for split, truth in made[name].truth.items():
             got = read_split(out, name, split)
@@ -75,14 +78,14 @@ def _run(tmp_path, entries, names=(PNG, ADE)):
 def _only_quarantined(out, dataset, split, num_read):
     m = read_split_manifest(out, dataset, split)
     assert (m.num_read, m.num_samples, m.num_quarantined) == (num_read, num_read - 1, 1)
-    lines = (Path(out) / dataset / split / "quarantine.jsonl").read_text().splitlines()
+    lines = (Path(out) / "_meta" / dataset / split / "quarantine.jsonl").read_text().splitlines()
     (q,) = [json.loads(line) for line in lines]
     assert q["source_id"] not in read_split(out, dataset, split)
     return q
 
 
 def read_split_manifest(out, dataset, split):
-    return read_manifest(str(Path(out) / dataset / split / "manifest.json"))
+    return read_manifest(str(Path(out) / "_meta" / dataset / split / "manifest.json"))
 
 
 def _relabel(path: Path, fn):
@@ -125,12 +128,29 @@ def test_label_size_or_channels_mismatch_is_quarantined(fx):
     out, outcomes = _run(tmp, entries, (ADE,))
     m = outcomes[(ADE, "val")].manifest
     assert (m.num_read, m.num_samples, m.num_quarantined) == (3, 1, 2)
-    lines = (Path(out) / ADE / "val" / "quarantine.jsonl").read_text().splitlines()
+    lines = (Path(out) / "_meta" / ADE / "val" / "quarantine.jsonl").read_text().splitlines()
     by_id = {q["source_id"]: q for q in map(json.loads, lines)}
     assert by_id["ADE_val_00000001"]["field"] == "label.size"
     assert "label PNG is" in by_id["ADE_val_00000001"]["reason"]
     assert by_id["ADE_val_00000002"]["field"] == "label.mode"
     assert list(read_split(out, ADE, "val")) == ["ADE_val_00000003"]
+
+
+def test_ade20k_names_from_the_real_release_tables():
+    """objectInfo150.txt (", " between synonyms) and the csv (";" between synonyms AND words) give the
+    same 150 unique names: the first synonym of the .txt, as LISA's class list has them."""
+    txt = parse_object_info(object_info_txt(), "objectInfo150.txt")
+    csv = parse_object_info(object_info_csv(), "objectInfo150.csv")
+    assert txt == csv == ADE_CATEGORIES
+    names = [c["name"] for c in txt]
+    assert [c["id"] for c in txt] == list(range(1, 151)) and len(set(names)) == 150
+    assert names == list(ADE20K_150_NAMES)
+    assert {k: names[k - 1] for k in (2, 45, 59, 64, 74, 90, 131, 142)} == {
+        2: "building", 45: "chest of drawers", 59: "screen door", 64: "blind", 74: "kitchen island",
+        90: "television", 131: "screen", 142: "crt screen"}
+    # what reading the csv up to its first ";" gives: 14 wrong names, and "screen" twice
+    naive = [line.rsplit(",", 1)[1].split(";")[0] for line in object_info_csv().splitlines()[1:]]
+    assert sum(a != b for a, b in zip(naive, names)) == 14 and naive.count("screen") == 2
 
 
 def test_missing_or_malformed_object_info_fails_only_ade(fx):
@@ -139,11 +159,17 @@ def test_missing_or_malformed_object_info_fails_only_ade(fx):
     text = csv.read_text()
     csv.unlink()
     _, outcomes = _run(tmp, entries)
-    assert outcomes[(ADE, "val")].status == "failed" and "objectInfo150.csv" in outcomes[(ADE, "val")].error
+    assert outcomes[(ADE, "train")].status == "failed" and "objectInfo150.csv" in outcomes[(ADE, "train")].error
+    assert outcomes[(ADE, "val")].status == "converted"  # it reads objectInfo150.txt
     assert outcomes[(PNG, "val")].status == "converted"
     csv.write_text(text.replace("3,", "three,", 1))
     _, outcomes = _run(tmp, entries, (ADE,))
     assert outcomes[(ADE, "train")].status == "failed" and "line 4" in outcomes[(ADE, "train")].error
+    # a ";" cell that is not the ADE20K-150 name of its Idx cannot be split into synonyms: refused
+    csv.write_text(text.replace("chest;of;drawers;chest", "drawers;chest;of"))
+    _, outcomes = _run(tmp, entries, (ADE,))
+    error = outcomes[(ADE, "train")].error
+    assert outcomes[(ADE, "train")].status == "failed" and "line 46" in error and "'chest of drawers'" in error
 
 
 def test_categories_json_colliding_with_ignore_fails(fx):
@@ -151,3 +177,6 @@ def test_categories_json_colliding_with_ignore_fails(fx):
     (data / "semantic_png" / "categories.json").write_text(json.dumps(PNG_CATEGORIES + [{"id": 255, "name": "x"}]))
     _, outcomes = _run(tmp, entries, (PNG,))
     assert outcomes[(PNG, "val")].status == "failed" and "collide with the ignore" in outcomes[(PNG, "val")].error
+    (data / "semantic_png" / "categories.json").write_text(json.dumps(PNG_CATEGORIES + [{"id": 9, "name": "grass"}]))
+    _, outcomes = _run(tmp, entries, (PNG,))
+    assert outcomes[(PNG, "val")].status == "failed" and "123 and 9 are both named 'grass'" in outcomes[(PNG, "val")].error

@@ -23,7 +23,7 @@ def test_segments_prompts_and_label_space_equal_the_release(tmp_path):
     truth = made[DS].truth["val"]
     got = read_split(out, DS, "val")
     assert set(got) == set(truth)
-    manifest = read_manifest(str(Path(out) / DS / "val" / "manifest.json"))
+    manifest = read_manifest(str(Path(out) / "_meta" / DS / "val" / "manifest.json"))
     assert manifest.categories == [{"id": c["id"], "name": c["name"]} for c in THING_CATEGORIES]  # `categories`
     assert manifest.task == "vgd"
     empty_records = dropped_prompts = 0
@@ -63,7 +63,7 @@ def _quarantined(tmp, entries, doc, path):
     out = str(tmp / "out")
     (o,) = convert([entries[DS]], str(tmp / "fx" / "data"), out, log=lambda _: None)
     assert o.status == "converted", o.error
-    lines = (Path(out) / DS / "val" / "quarantine.jsonl").read_text().splitlines()
+    lines = (Path(out) / "_meta" / DS / "val" / "quarantine.jsonl").read_text().splitlines()
     return o, [json.loads(x) for x in lines]
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from xsam.eval.benchmark import metric_names
+
 from xsam.data.readers import READERS
 from xsam.data.registry import load_registry
 
@@ -35,7 +37,6 @@ CATALOGUE = {
     "grandf": "gcg_grandf", "psg_gcg": "gcg_grandf", "refcocog_gcg": "gcg_refcocog", "flickr30k_gcg": "gcg_flickr",
     "gcg_eval": "gcg_eval", "coco_vgd": "coco_vgd", "coco_interactive": "psalm_interactive",
 }
-KNOWN_METRICS = {"pq", "miou", "fwiou", "macc", "pacc", "ap", "ap50", "ciou", "giou", "meteor", "cider"}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_entries_are_consistent(registry):
         roles = {split: e.split_spec(split).role for split in e.splits}
         has_eval, has_train = "eval" in roles.values(), "train" in roles.values()
         assert has_eval == bool(e.metrics), f"{name}: metrics iff an eval split ({roles}, {e.metrics})"
-        assert set(e.metrics) <= KNOWN_METRICS, name
+        assert set(e.metrics) <= metric_names(e.task), name  # the benchmark's own table
         if e.stages:
             assert has_train, f"{name}: a staged dataset needs a train split"
         if not has_train:
@@ -297,3 +298,46 @@ def test_registry_rejects_the_removed_sampling_group_field(tmp_path):
     assert "per dataset" in problems[0].message
     res = run_cli(path)
     assert res.returncode != 0 and "old.yaml" in res.stderr and "sampling_group" in res.stderr
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    text = yaml.safe_dump(good_entry("twice"), sort_keys=False)
+    lines = text.splitlines()
+    at = lines.index("  train:") + 1  # a second `train:` under splits (plain YAML keeps the last silently)
+    lines[at:at] = ["  train:", "    annotations: other.json", "    images: other", "    masks: other"]
+    bad = write(tmp_path, "twice", "\n".join(lines) + "\n")
+    entries, problems = load_registry(tmp_path)
+    assert not entries
+    assert [str(p) for p in problems] == [f"{bad}: train: duplicate key 'train' at lines {at} and {at + 1}"]
+    res = run_cli(tmp_path)
+    assert res.returncode == 2 and f"INVALID {bad}: train: duplicate key 'train'" in res.stderr
+
+
+@pytest.mark.parametrize("task,metrics,bad", [("generic_seg", ["pq", "ap50"], "'ap50'"),
+                                              ("generic_seg", ["PQ"], "'PQ'"),
+                                              ("chat", ["miou"], "'miou'")])
+def test_metrics_must_be_ones_the_task_benchmark_computes(tmp_path, task, metrics, bad):
+    entry = {**good_entry("scored"), "task": task, "metrics": metrics}
+    path = write(tmp_path, "scored", entry)
+    _, problems = load_registry(tmp_path)
+    (problem,) = problems
+    assert (problem.file, problem.field) == (str(path), "metrics")
+    assert problem.message.startswith(f"{bad} not computed by the {task} benchmark"), problem.message
+    for m in metric_names(__import__("xsam.data.schema", fromlist=["Task"]).Task(task)):
+        assert m in problem.message  # says what is allowed
+
+
+def test_metric_table_holds_what_each_benchmark_reports():
+    """The names the registry allows are a superset of what Benchmark.result reports (it is not a copy)."""
+    from xsam.data.schema import Task
+    from xsam.eval.benchmark import PRIMARY, Benchmark
+
+    cats = [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 0}]
+    for task in Task:
+        names = metric_names(task)
+        assert (task in PRIMARY) == bool(names), task
+        if task is Task.gcg or task not in PRIMARY:
+            continue  # GCG's caption metrics need Java; its names are the accumulator's own lists
+        bench = Benchmark("d", "val", task, cats)
+        reported = {k for k in bench.result(bench.new()) if not k.startswith("n_")}
+        assert reported and reported <= names, (task, reported - names)

@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
 
 def _load(shards: str, name: str):
     dataset, split = name.split("/")
-    m = read_manifest(storage.join(shards, dataset, split, "manifest.json"))
+    m = read_manifest(storage.join(shards, "_meta", dataset, split, "manifest.json"))
     bench = Benchmark(dataset, split, Task(m.task), m.categories)
     index = ShardIndex.build(shards, [(dataset, split)])
     raw = [(r.key, *index.read(r)) for r in index.refs[dataset]]

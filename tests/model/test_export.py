@@ -92,6 +92,14 @@ def test_sharded_export_round_trips_exactly(exported, model, tok):
     assert {k: config[k] for k in cfg.to_dict()} == json.loads(json.dumps(cfg.to_dict()))
     assert config["special_token_ids"] == {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     assert config["eos_token_id"] == tok.eos_token_id and config["dtype"] == "float32"
+    # transformers reads it: AutoConfig knows model_type "xsam" (registered by xsam.model.export)
+    from transformers import AutoConfig
+
+    from xsam.model.hf_config import XSAMPretrainedConfig
+
+    auto = AutoConfig.from_pretrained(str(folder))
+    assert isinstance(auto, XSAMPretrainedConfig) and auto.model_type == "xsam" and auto.stage == "s3"
+    assert auto.llm == json.loads(json.dumps(cfg.to_dict()["llm"])) and auto.xsam_config() == cfg
 
     # the manifest lists every other file with its size and sha256; the tokenizer sits at the root
     on_disk = {p.name for p in folder.iterdir()} - {MANIFEST}

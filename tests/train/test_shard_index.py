@@ -48,7 +48,7 @@ def test_every_sample_matches_the_webdataset_reader(converted):
             sample, image = index.read(ref)
             want_sample, want_image, want_ext = expected[sample.provenance.source_id]
             assert image == want_image
-            assert ref.image_ext == want_ext
+            assert ref.image_ext == "image" and want_ext == sample.image.format  # one image member name
             assert sample == want_sample
             assert (sample.dataset, sample.split) == (ref.dataset, ref.split) == (dataset, split)
             total += 1
@@ -107,7 +107,7 @@ def opened(monkeypatch):
 
 
 def index_files(root) -> list[Path]:
-    return sorted(Path(root).glob("*/*/index-*.bin"))
+    return sorted(Path(root).glob("_meta/*/*/index-*.bin"))
 
 
 def test_second_build_reads_one_stored_file_per_split_and_no_shard(shards, opened, monkeypatch):
@@ -119,9 +119,9 @@ def test_second_build_reads_one_stored_file_per_split_and_no_shard(shards, opene
     files = index_files(shards)
     assert len(files) == len(SPLITS)
     for dataset, split in SPLITS:  # beside its manifest, named by the digest of the manifest's bytes
-        manifest = Path(shards, dataset, split, "manifest.json")
+        manifest = Path(shards, "_meta", dataset, split, "manifest.json")
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
-        assert Path(shards, dataset, split, f"index-{digest}.bin") in files
+        assert Path(shards, "_meta", dataset, split, f"index-{digest}.bin") in files
     opened.clear()
     loaded = ShardIndex.build(shards, SPLITS)
     assert not [loc for loc in opened if loc.endswith(".tar")], "a shard was opened despite the stored index"
@@ -137,7 +137,7 @@ def test_second_build_reads_one_stored_file_per_split_and_no_shard(shards, opene
 
 def test_a_changed_manifest_is_indexed_again(shards, opened):
     built = ShardIndex.build(shards, SPLITS)
-    manifest = Path(shards, "fixture_refcoco", "train", "manifest.json")
+    manifest = Path(shards, "_meta", "fixture_refcoco", "train", "manifest.json")
     before = manifest.read_bytes()
     manifest.write_text(json.dumps(json.loads(before), indent=3) + "\n")  # same content, other bytes
     assert manifest.read_bytes() != before
@@ -146,7 +146,7 @@ def test_a_changed_manifest_is_indexed_again(shards, opened):
     walked = {loc for loc in opened if loc.endswith(".tar")}
     assert walked and all("/fixture_refcoco/train/" in loc for loc in walked), "only the changed split"
     assert again.refs == built.refs
-    assert len(list(Path(shards, "fixture_refcoco", "train").glob("index-*.bin"))) == 2  # old + new digest
+    assert len(list(Path(shards, "_meta", "fixture_refcoco", "train").glob("index-*.bin"))) == 2  # old + new digest
 
 
 def _truncate(data: bytes) -> bytes:
@@ -175,8 +175,8 @@ def test_a_damaged_index_is_rebuilt_never_trusted(shards, opened, damage):
 
 def test_a_valid_index_of_another_split_is_not_trusted(shards, opened):
     built = ShardIndex.build(shards, SPLITS)
-    (mine,) = Path(shards, "fixture_coco_panoptic", "val").glob("index-*.bin")
-    (other,) = Path(shards, "fixture_coco_panoptic", "train").glob("index-*.bin")
+    (mine,) = Path(shards, "_meta", "fixture_coco_panoptic", "val").glob("index-*.bin")
+    (other,) = Path(shards, "_meta", "fixture_coco_panoptic", "train").glob("index-*.bin")
     mine.write_bytes(other.read_bytes())  # intact checksum, wrong split / digest / shards
     opened.clear()
     assert ShardIndex.build(shards, SPLITS).refs == built.refs
@@ -224,7 +224,7 @@ def test_records_after_expansion_reach_the_schedule(converted):
     of the objects' sentence counts), the index hands records / samples to the Schedule as `repeats`, so
     r_d = max(1, sqrt(t / f_d)) sees the expanded f_d; an old manifest without the count is counted by reading."""
     from xsam.data import expansion
-    from xsam.data.shards import read_manifest, split_dir
+    from xsam.data.shards import read_manifest, meta_dir, split_dir
     from xsam.train.sampling import Schedule
 
     index = ShardIndex.build(converted, SPLITS)
@@ -235,7 +235,7 @@ def test_records_after_expansion_reach_the_schedule(converted):
     counts = index.counts()
     assert by_reading["fixture_refcoco"] > counts["fixture_refcoco"]  # referring images expand
     assert all(by_reading[d] == counts[d] for d in counts if d != "fixture_refcoco")
-    manifest = read_manifest(storage.join(split_dir(converted, "fixture_refcoco", "train"), "manifest.json"))
+    manifest = read_manifest(storage.join(meta_dir(converted, "fixture_refcoco", "train"), "manifest.json"))
     assert manifest.num_records == by_reading["fixture_refcoco"]
     assert sum(s.num_records for s in manifest.shards) == manifest.num_records
 

@@ -23,10 +23,11 @@ def test_sweep_section_parses_and_training_ignores_it(tmp_path):
 
 
 @pytest.mark.parametrize("sweep, message", [
-    ("sweep:\n  grid: {learning_rate: [1]}\n", "unknown training setting"),
-    ("sweep:\n  grid: {lr: 1.0e-4}\n", "non-empty lists"),
-    ("sweep:\n  grid: {}\n", "non-empty `grid`"),
-    ("sweep:\n  grid: {lr: [1.0e-4]}\n  trials: 3\n", "unknown keys"),
+    ("sweep:\n  grid: {learning_rate: [1]}\n", "sweep.grid: learning_rate: unknown setting"),
+    ("sweep:\n  grid: {lr: 1.0e-4}\n", "grid.lr: 0.0001 is not a non-empty list"),
+    ("sweep:\n  grid: {}\n", "grid: {} is not a non-empty mapping"),
+    ("sweep:\n  grid: {lr: [1.0e-4]}\n  trials: 3\n", "sweep.trials: unknown key"),
+    ("sweep:\n  grid: {lr: [-1]}\n", "grid.lr: -1 is not a number > 0"),
 ])
 def test_bad_sweep_sections_name_the_problem(tmp_path, sweep, message):
     with pytest.raises(ValueError, match=message):

@@ -18,6 +18,7 @@ from helpers import convert_fixtures  # noqa: E402
 
 from xsam.pipelines.train import run  # noqa: E402
 from xsam.train.config import load_profile, profile_path  # noqa: E402
+from xsam.tracking import metric_name  # noqa: E402
 
 pytestmark = pytest.mark.integration
 FORMATS = ["coco_panoptic", "llava", "refer", "gcg_grandf", "coco_vgd"]
@@ -50,7 +51,7 @@ def _cfg(env, stage, zero, name, **over):
     return load_profile(profile_path("local"), stage, items)
 
 
-def _history(cfg, key="loss.total"):
+def _history(cfg, key="loss/total"):
     client = MlflowClient(cfg.mlflow_uri)
     return [m.value for m in sorted(client.get_metric_history(cfg.mlflow_run_id, key), key=lambda m: m.step)]
 
@@ -69,7 +70,7 @@ def test_three_stages_chain_and_learn_in_bf16(env, zero):
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     s2 = _cfg(env, "s2", zero, f"z{zero}-s2", epochs=4, init_from=[str(runs / f"z{zero}-s1" / "export")], bf16=True)
     run(s2)
-    assert _history(s2, "loss.lm")[-1] < _history(s2, "loss.lm")[0]
+    assert _history(s2, "loss/lm")[-1] < _history(s2, "loss/lm")[0]
     s3 = _cfg(env, "s3", zero, f"z{zero}-s3", datasets=S3_MIX, max_steps=6, lr=1e-3, bf16=True,
               init_from=[str(runs / f"z{zero}-s1" / "export"), str(runs / f"z{zero}-s2" / "export")])
     run(s3)
@@ -91,8 +92,15 @@ def test_three_stages_chain_and_learn_in_bf16(env, zero):
     assert r.data.tags["xsam.stage"] == "s3" and len(r.data.tags["xsam.data_fingerprint"]) == 64
     assert r.data.tags["xsam.code_version"] and r.data.params["seed"] == "1024"
     metrics = set(r.data.metrics)
-    assert {"loss.total", "loss.lm", "lr", "samples_per_s", "tokens_per_s"} <= metrics
-    seen = {k for k in metrics if k.startswith("seen.")}
+    assert {"loss/total", "loss/lm", "lr", "samples_per_s", "tokens_per_s"} <= metrics
+    # ONE metric-name rule (xsam.tracking.metric_name: lowercase, "/" groups) for every name training logs
+    assert all(metric_name(k) == k and k == k.lower() and "." not in k for k in metrics), sorted(metrics)
+    assert r.data.tags["xsam.kind"] == "training"
+    # the experiment opens on runs in the UI; its artifacts live beside the sqlite store, not in ./mlruns
+    exp = client.get_experiment(r.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == (tmp / "mlartifacts" / "test").as_uri()
+    seen = {k for k in metrics if k.startswith("seen/")}
     assert len(seen) >= 2  # per-source sample counts; batches come from one source at a time
     # the balanced mixture per source (xsam.train.mixture): records after expansion, repeat, share of draws
     names = {d.split("/", 1)[0] for d in S3_MIX}

@@ -18,7 +18,7 @@ import torch
 from helpers import convert_fixtures, mask_of
 
 from xsam.data import storage
-from xsam.data.shards import iter_tar, read_manifest, shard_urls, split_dir
+from xsam.data.shards import iter_tar, read_manifest, shard_urls, meta_dir, split_dir
 from xsam.model import preprocess
 from xsam.model.batching import NO_PROMPT, collate_raw
 from xsam.model.builder import build_model
@@ -39,7 +39,7 @@ def vgd(tmp_path_factory):
     made, out, _ = convert_fixtures(tmp, ["coco_vgd"])
     pairs, spaces = [], {}
     for split in made[DATASET].entry["splits"]:
-        manifest = read_manifest(storage.join(split_dir(out, DATASET, split), "manifest.json"))
+        manifest = read_manifest(storage.join(meta_dir(out, DATASET, split), "manifest.json"))
         spaces[manifest.label_space] = manifest.categories
         for url in shard_urls(out, DATASET, split):
             pairs.extend((s, img) for _, img, _, s in iter_tar(url) if s.segments)

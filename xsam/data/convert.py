@@ -6,31 +6,59 @@ Idempotence and resume, per dataset split:
 - its fingerprint hashes the reader and schema versions, the registry entry, the conversion
   settings and the whole plan (every record's annotations, the size and mtime of every file it reads);
 - manifest.json present with the same fingerprint -> nothing to do;
-- otherwise the old manifest is deleted first, then each shard whose commit record
-  (_parts/<shard>.json) carries the same fingerprint is kept and the others are (re)written
-  under a temporary name and renamed; the manifest is written last, stale files removed.
+- otherwise each shard whose commit record (parts/<shard>.json) carries the same fingerprint is
+  kept and the others are (re)written under a temporary name; the old manifest is deleted before
+  the first tar is renamed into place, the new one written last, stale files removed.
+(Locations: xsam/data/shards.py.)
+
+A split must give at least one good sample: when every record is quarantined (or there is none)
+the split fails with the main quarantine reasons, and nothing of an earlier conversion is replaced
+- a shard with no good sample is never renamed over an existing tar by a worker; the driver writes
+it (an empty tar) only once the split as a whole has samples.
+
+A label space name is bound to one category list (xsam/data/label_spaces.py): a split whose
+categories differ from those another dataset of the run, or of the output tree, gave the same
+name fails before any of its shards is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from xsam.data import expansion, storage
 from xsam.data.errors import QuarantineRecord, SampleError, SourceError
+from xsam.data.label_spaces import LabelSpaceClash, LabelSpaces
 from xsam.data.readers import READERS
 from xsam.data.readers.base import ConvertSettings, Plan, Reader, WorkItem
 from xsam.data.registry import RegistryEntry
 from xsam.data.schema import SCHEMA_VERSION
-from xsam.data.shards import (Manifest, ShardInfo, ShardWriter, json_line, read_manifest, shard_name,
-                              split_dir)
+from xsam.data.shards import (
+    LAYOUT_VERSION,
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    commit_record_location,
+    json_line,
+    list_splits,
+    manifest_location,
+    meta_dir,
+    quarantine_location,
+    read_manifest,
+    shard_name,
+    split_dir,
+)
 
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 1_000_000_000
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +70,7 @@ class ShardSpec:
     location: str
     record_location: str
     fingerprint: str
+    manifest_location: str  # deleted before this shard's tar replaces anything
 
     @property
     def name(self) -> str:
@@ -50,6 +79,9 @@ class ShardSpec:
 
 @dataclass
 class ShardResult:
+    """What a shard task did: `shard` committed, or an `error`, or neither: no good sample, nothing
+    committed (the driver writes the empty tar once the split has samples)."""
+
     name: str
     fingerprint: str
     shard: ShardInfo | None = None
@@ -73,7 +105,8 @@ class ShardResult:
 class SplitJob:
     entry: RegistryEntry
     split: str
-    directory: str
+    directory: str  # the shards' folder
+    output: str
     plan: Plan
     fingerprint: str
     specs: list[ShardSpec]  # shards to write
@@ -98,7 +131,7 @@ def write_shard(spec: ShardSpec) -> ShardResult:
     """Convert the items of one shard and commit the tar, then its commit record.
 
     A bad sample is quarantined; any other failure (storage down, a bug) fails the shard, which
-    fails its split but not the job."""
+    fails its split but not the job. A shard with no good sample commits nothing."""
     try:
         reader = spec.reader
         quarantined: list[QuarantineRecord] = []
@@ -120,8 +153,12 @@ def write_shard(spec: ShardSpec) -> ShardResult:
                     err = SampleError(f"malformed sample ({type(e).__name__}: {e})", file=item.files[0] if item.files else None)
                     quarantined.append(reader.quarantine(item.source_id, err, item.source_file))
                     continue
-                writer.add(item.key, sample.image.format, image, record)
+                writer.add(item.key, image, record)
                 records += expansion.num_records(sample)
+            if writer.num_samples == 0:
+                writer.abort()
+                return ShardResult(name=spec.name, fingerprint=spec.fingerprint, quarantined=quarantined)
+            storage.delete(spec.manifest_location)  # the split stops looking complete before a tar changes
             info = writer.commit()
             info.num_records = records
         except BaseException:
@@ -146,7 +183,7 @@ def _digest(obj) -> str:
 def _fingerprint(entry: RegistryEntry, split: str, reader: Reader, plan: Plan, settings: ConvertSettings,
                  max_samples: int, max_bytes: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"schema": SCHEMA_VERSION, "format": entry.format, "reader_version": reader.version,
+    h.update(json.dumps({"schema": SCHEMA_VERSION, "layout": LAYOUT_VERSION, "format": entry.format, "reader_version": reader.version,
                          "entry": entry.digest(split), "settings": settings.__dict__, "max_samples": max_samples,
                          "max_bytes": max_bytes, "expansion": expansion.EXPANSION_VERSION, "categories": plan.categories, "excluded": plan.excluded},
                         sort_keys=True, default=str).encode())
@@ -202,37 +239,65 @@ def prepare_split(entry: RegistryEntry, split: str, data_root: str, output: str,
         pos += len(it.files)
     fp = _fingerprint(entry, split, reader, plan, settings, max_samples, max_bytes)
     directory = split_dir(output, entry.name, split)
-    manifest_loc = storage.join(directory, "manifest.json")
+    manifest_loc = manifest_location(output, entry.name, split)
     manifest = read_manifest(manifest_loc)
     if not force and manifest is not None and manifest.source_fingerprint == fp and all(
             storage.size(storage.join(directory, s.name)) == s.bytes for s in manifest.shards):
         return SplitOutcome(entry.name, split, "up-to-date", manifest=manifest)
-    storage.delete(manifest_loc)  # from here on the split is incomplete until the new manifest lands
     specs, kept = [], []
     for index, items in enumerate(_cut(plan.items, max_samples, max_bytes)):
         name = shard_name(entry.name, split, index)
         location = storage.join(directory, name)
-        record = storage.join(directory, "_parts", name.removesuffix(".tar") + ".json")
+        record = commit_record_location(output, entry.name, split, name)
         shard_fp = hashlib.sha256(f"{fp}/{name}".encode()).hexdigest()
         done = None if force else _committed(record, shard_fp, location)
         if done is not None:
             kept.append(done)
         else:
             specs.append(ShardSpec(reader=reader, items=items, location=location, record_location=record,
-                                   fingerprint=shard_fp))
-    return SplitJob(entry, split, directory, plan, fp, specs, kept)
+                                   fingerprint=shard_fp, manifest_location=manifest_loc))
+    return SplitJob(entry, split, directory, output, plan, fp, specs, kept)
+
+
+def _no_samples(job: SplitJob, quarantined: list[QuarantineRecord]) -> str:
+    """Why a split gave no good sample: its read count and its main quarantine reasons."""
+    where = quarantine_location(job.output, job.entry.name, job.split)
+    if not quarantined:
+        excluded = ", ".join(f"{k}: {n}" for k, n in sorted(job.plan.excluded.items())) or "none"
+        return f"the source has no sample (records excluded by the format's rules: {excluded})"
+    top = Counter(q.reason for q in quarantined).most_common(3)
+    reasons = "; ".join(f"{reason!r} x{n}" for reason, n in top)
+    return (f"0 good samples: all {len(quarantined)} records were quarantined - top reasons: {reasons} "
+            f"(every record in {where}); the shards of an earlier conversion were left as they were")
+
+
+def _commit_empty(job: SplitJob, result: ShardResult) -> ShardResult:
+    """Write the empty tar (and its commit record) of a shard whose samples were all quarantined."""
+    location = storage.join(job.directory, result.name)
+    storage.delete(manifest_location(job.output, job.entry.name, job.split))
+    writer = ShardWriter(location)
+    info = writer.commit()
+    info.num_records = 0
+    done = ShardResult(name=result.name, fingerprint=result.fingerprint, shard=info, quarantined=result.quarantined)
+    storage.write_bytes_atomic(commit_record_location(job.output, job.entry.name, job.split, result.name),
+                               done.to_json().encode())
+    return done
 
 
 def finalize_split(job: SplitJob, results: list[ShardResult]) -> SplitOutcome:
-    """Write quarantine.jsonl and, if every shard committed, manifest.json; remove stale files."""
+    """Write quarantine.jsonl and, if every shard committed and the split has samples, manifest.json;
+    remove stale files."""
     errors = [r for r in results if r.error]
     if errors:
         return SplitOutcome(job.entry.name, job.split, "failed",
                             error=f"{len(errors)} shard(s) failed; first: {errors[0].name}: {errors[0].error}")
     done = sorted(job.kept + results, key=lambda r: r.name)
     quarantined = sorted(job.plan.quarantined + [q for r in done for q in r.quarantined], key=lambda q: q.key)
-    storage.write_bytes_atomic(storage.join(job.directory, "quarantine.jsonl"),
+    storage.write_bytes_atomic(quarantine_location(job.output, job.entry.name, job.split),
                                "".join(json_line(q.to_dict()) + "\n" for q in quarantined).encode("utf-8"))
+    if not any(r.shard is not None and r.shard.num_samples for r in done):
+        return SplitOutcome(job.entry.name, job.split, "failed", error=_no_samples(job, quarantined))
+    done = [r if r.shard is not None else _commit_empty(job, r) for r in done]
     shards = [r.shard for r in done]
     num_samples = sum(s.num_samples for s in shards)
     num_read = len(job.plan.items) + len(job.plan.quarantined)
@@ -247,34 +312,61 @@ def finalize_split(job: SplitJob, results: list[ShardResult]) -> SplitOutcome:
                         num_quarantined=len(quarantined), excluded=job.plan.excluded, shards=shards,
                         num_records=None if any(s.num_records is None for s in shards)
                         else sum(s.num_records for s in shards))
-    keep = {s.name for s in shards} | {s.name.removesuffix(".tar") + ".json" for s in shards}
-    for loc in storage.list_files(job.directory, recursive=True):
-        base = loc.rsplit("/", 1)[-1]
-        if (base.endswith(".tar") or "/_parts/" in loc.replace("\\", "/") or ".tmp-" in base) and base not in keep:
+    # the shards' folder holds the current tars only (this also clears the sidecars of layout 1)
+    keep = {storage.join(job.directory, s.name) for s in shards}
+    keep |= {commit_record_location(job.output, job.entry.name, job.split, s.name) for s in shards}
+    parts = storage.join(meta_dir(job.output, job.entry.name, job.split), "parts")
+    for loc in storage.list_files(job.directory, recursive=True) + storage.list_files(parts):
+        if loc not in keep:
             storage.delete(loc)
-    storage.write_bytes_atomic(storage.join(job.directory, "manifest.json"),
+    storage.write_bytes_atomic(manifest_location(job.output, job.entry.name, job.split),
                                manifest.model_dump_json(indent=2).encode())
     return SplitOutcome(job.entry.name, job.split, "converted", manifest=manifest,
                         shards_written=len(results), shards_kept=len(job.kept))
 
 
+def _tree_label_spaces(output: str, skip: set[str]) -> LabelSpaces:
+    """The label spaces the converted splits under `output` bind, except those of the datasets `skip`."""
+    spaces = LabelSpaces()
+    for dataset, split in list_splits(output):
+        if dataset in skip:
+            continue
+        m = read_manifest(manifest_location(output, dataset, split))
+        try:
+            spaces.bind(m.label_space, m.categories, f"{dataset}/{split}")
+        except LabelSpaceClash:
+            pass  # a clash within the old tree is reported by --validate-only; this run binds its own
+    return spaces
+
+
 def convert(entries: list[RegistryEntry], data_root: str, output: str, executor: Executor = serial_executor,
             settings: ConvertSettings | None = None, max_samples: int = DEFAULT_MAX_SAMPLES,
             max_bytes: int = DEFAULT_MAX_BYTES, force: bool = False,
-            log: Callable[[str], None] = print) -> list[SplitOutcome]:
-    """Convert every split of `entries`; one executor pass for all shard tasks of all datasets."""
+            log: Callable[[str], None] | None = None) -> list[SplitOutcome]:
+    """Convert every split of `entries`; one executor pass for all shard tasks of all datasets. Per-split
+    lines go to `log` (default: this module's logger at DEBUG), failures to its logger at WARNING too."""
+    log = log or _log.debug
+    warn = _log.warning if log is _log.debug else log
     settings = settings or ConvertSettings()
     outcomes: list[SplitOutcome] = []
     jobs: list[SplitJob] = []
+    spaces = _tree_label_spaces(output, {e.name for e in entries})
     for entry in entries:
         for split in entry.splits:
             t0 = time.perf_counter()
             try:
                 job = prepare_split(entry, split, data_root, output, settings, max_samples, max_bytes, force)
             except (SourceError, SampleError) as e:  # the split's source cannot be planned at all
-                log(f"[convert] {entry.name}/{split}: FAILED: {e}")
+                warn(f"[convert] {entry.name}/{split}: FAILED: {e}")
                 outcomes.append(SplitOutcome(entry.name, split, "failed", error=str(e)))
                 continue  # only this split fails; the other splits and datasets go on
+            categories = job.manifest.categories if isinstance(job, SplitOutcome) else job.plan.categories
+            try:
+                spaces.bind(entry.label_space, categories, f"{entry.name}/{split}")
+            except LabelSpaceClash as e:
+                warn(f"[convert] {entry.name}/{split}: FAILED: {e}")
+                outcomes.append(SplitOutcome(entry.name, split, "failed", error=str(e)))
+                continue
             if isinstance(job, SplitOutcome):
                 log(f"[convert] {entry.name}/{split}: up to date ({job.manifest.num_samples} samples)")
                 outcomes.append(job)
@@ -292,7 +384,7 @@ def convert(entries: list[RegistryEntry], data_root: str, output: str, executor:
     for job in jobs:
         outcome = finalize_split(job, results[(job.entry.name, job.split)])
         if outcome.status == "failed":
-            log(f"[convert] {job.entry.name}/{job.split}: FAILED: {outcome.error}")
+            warn(f"[convert] {job.entry.name}/{job.split}: FAILED: {outcome.error}")
         else:
             m = outcome.manifest
             log(f"[convert] {job.entry.name}/{job.split}: {m.num_samples} samples in {len(m.shards)} shard(s), "

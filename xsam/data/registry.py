@@ -92,6 +92,20 @@ class RegistryEntry(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _known_metrics(self) -> "RegistryEntry":
+        if not self.metrics:
+            return self
+        from xsam.eval.benchmark import metric_names  # the benchmark's table is the one source of the names
+
+        known = metric_names(self.task)
+        unknown = [m for m in self.metrics if m not in known]
+        if unknown:
+            allowed = ", ".join(sorted(known)) if known else "none (no benchmark scores this task): use []"
+            raise ValueError(f"metrics: {', '.join(map(repr, unknown))} not computed by the {self.task.value} "
+                             f"benchmark, which computes: {allowed}")
+        return self
+
+    @model_validator(mode="after")
     def _reader_fields(self) -> "RegistryEntry":
         reader = self.reader_class()
         errors = []
@@ -152,9 +166,41 @@ def registry_files(path: str | Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a registry file names the same key twice (plain YAML keeps the last silently)."""
+
+    def __init__(self, key: str, first_line: int, second_line: int):
+        super().__init__(f"duplicate key {key!r} at lines {first_line} and {second_line}")
+        self.key = key
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated within one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != line:
+                raise DuplicateKeyError(str(key), first, line)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(file: Path):
+    """The YAML document of `file`; DuplicateKeyError (a yaml.YAMLError) for a key given twice."""
+    return yaml.load(file.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+
+
 def load_entry(file: Path) -> tuple[RegistryEntry | None, list[RegistryProblem]]:
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+        raw = load_yaml(file)
+    except DuplicateKeyError as e:
+        return None, [RegistryProblem(str(file), e.key, str(e))]
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         return None, [RegistryProblem(str(file), "<file>", f"not valid YAML: {e}")]
     if not isinstance(raw, dict):

@@ -3,7 +3,7 @@
 One sample = one image of one dataset split with ALL of its annotations. In a WebDataset shard a
 sample is two adjacent tar members sharing one key:
 
-    <key>.jpg | <key>.png   the original encoded image bytes (never re-encoded)
+    <key>.image             the original encoded image bytes (never re-encoded; `image.format` says which)
     <key>.json              a `Sample` record (below), UTF-8 JSON
 
 Masks are COCO RLE with compressed string counts, at the original image size. Text is stored as
@@ -37,7 +37,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: Segment.source_area
 
 
 class Task(str, Enum):
@@ -90,6 +90,9 @@ class Segment(_Model):
     bbox: tuple[float, float, float, float]  # x, y, w, h in pixels (COCO convention)
     area: int = Field(ge=0)  # pixel count of `mask`
     mask: RLE
+    # the source's own `area` where it gives one (COCO: the polygon's area, or the RLE's pixel count);
+    # COCO instance AP's small / medium / large split uses it, as pycocotools reads it from the GT file
+    source_area: float | None = Field(default=None, ge=0)
 
 
 class Turn(_Model):

@@ -1,11 +1,24 @@
 """WebDataset shards: deterministic tar writing, the per-split manifest, and reading back.
 
-Layout of one converted dataset split::
+Layout of a conversion output (layout version 2)::
 
-    <out>/<dataset>/<split>/<dataset>-<split>-000000.tar     shards, members sorted by key
-    <out>/<dataset>/<split>/_parts/<dataset>-<split>-000000.json   per-shard commit record
-    <out>/<dataset>/<split>/quarantine.jsonl                 rejected samples with reasons
-    <out>/<dataset>/<split>/manifest.json                    written last: the split is complete
+    <out>/<dataset>/<split>/<dataset>-<split>-000000.tar           shards ONLY, members sorted by key
+    <out>/_meta/<dataset>/<split>/manifest.json                    written last: the split is complete
+    <out>/_meta/<dataset>/<split>/quarantine.jsonl                 rejected samples with reasons
+    <out>/_meta/<dataset>/<split>/parts/<dataset>-<split>-000000.json   per-shard commit record
+    <out>/_meta/<dataset>/<split>/index-<sha256>.bin               the training index cache
+
+Every WebDataset reader opens the shards as they are: a split folder and the whole tree hold
+nothing but tars (`ray.data.read_webdataset` lists every file of a folder, but skips a path whose
+part below the folder it was given starts with "_", so `_meta` is invisible from `<out>`), and
+`<dataset>-<split>-{000000..00000N}.tar` brace-expands. A sample is two members, `<key>.image`
+(the original encoded bytes, whatever the encoding: the record's `image.format` says which) and
+`<key>.json` (the record): one member name for every image keeps the columns of every shard the
+same, so a tree mixing JPEG and PNG datasets reads as one table.
+
+An output of layout 1 (sidecars beside the tars, image members `.jpg`/`.png`) is refused by the
+readers with `OldLayoutError`, which says to reconvert (the converter rebuilds such a split and
+removes the old sidecars).
 
 Tar members get mtime 0, uid/gid 0, no user names and mode 0644, in USTAR format, so the same
 samples always give the same bytes.
@@ -16,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
 from typing import Iterator
 
@@ -54,8 +68,44 @@ class Manifest(BaseModel):
     shards: list[ShardInfo]
 
 
+LAYOUT_VERSION = 2
+META = "_meta"  # the sidecar tree; "_" keeps it out of ray.data's folder listing
+IMAGE = "image"  # the member suffix of every sample's image
+_OLD_SIDECARS = ("manifest.json", "quarantine.jsonl")  # layout 1 kept these beside the tars
+
+
+class OldLayoutError(RuntimeError):
+    """A split converted with layout 1: reconvert it."""
+
+
 def split_dir(output: str, dataset: str, split: str) -> str:
+    """The folder of a split's shards (tars only)."""
     return storage.join(output, dataset, split)
+
+
+def meta_dir(output: str, dataset: str, split: str) -> str:
+    """The folder of a split's sidecar files (manifest, quarantine, commit records, index cache)."""
+    return storage.join(output, META, dataset, split)
+
+
+def meta_dir_of(split_directory: str) -> str:
+    """`meta_dir` of the split whose shards are in `split_directory` (= split_dir(output, dataset, split))."""
+    head, split = posixpath.split(split_directory.rstrip("/"))
+    output, dataset = posixpath.split(head)
+    return meta_dir(output, dataset, split)
+
+
+def manifest_location(output: str, dataset: str, split: str) -> str:
+    return storage.join(meta_dir(output, dataset, split), "manifest.json")
+
+
+def quarantine_location(output: str, dataset: str, split: str) -> str:
+    return storage.join(meta_dir(output, dataset, split), "quarantine.jsonl")
+
+
+def commit_record_location(output: str, dataset: str, split: str, shard: str) -> str:
+    """The commit record of shard `shard` (its file name)."""
+    return storage.join(meta_dir(output, dataset, split), "parts", shard.removesuffix(".tar") + ".json")
 
 
 def shard_name(dataset: str, split: str, index: int) -> str:
@@ -66,6 +116,37 @@ def read_manifest(location: str) -> Manifest | None:
     if not storage.exists(location):
         return None
     return Manifest.model_validate_json(storage.read_bytes(location))
+
+
+def old_layout_error(output: str, dataset: str, split: str) -> OldLayoutError | None:
+    """The error to raise when `dataset/split` under `output` was written with layout 1, else None."""
+    directory = split_dir(output, dataset, split)
+    if storage.exists(storage.join(directory, "manifest.json")):
+        return OldLayoutError(
+            f"{directory} was converted by an older xsam (manifest.json beside the tars, image members "
+            f".jpg/.png); this version reads {manifest_location(output, dataset, split)} and '<key>.{IMAGE}' "
+            f"members: reconvert it (python pipelines/convert.py --datasets {dataset} --output {output} ...)")
+    return None
+
+
+def split_manifest(output: str, dataset: str, split: str) -> Manifest | None:
+    """The manifest of a converted split, None when it is not (completely) converted;
+    OldLayoutError when it was converted with layout 1."""
+    manifest = read_manifest(manifest_location(output, dataset, split))
+    if manifest is None and (old := old_layout_error(output, dataset, split)) is not None:
+        raise old
+    return manifest
+
+
+def list_splits(output: str) -> list[tuple[str, str]]:
+    """(dataset, split) of every completely converted split under `output`, sorted."""
+    root = storage.join(output, META)
+    out = []
+    for loc in storage.list_files(root, suffix="/manifest.json", recursive=True):
+        parts = loc[len(root):].strip("/").replace("\\", "/").split("/")
+        if len(parts) == 3:
+            out.append((parts[0], parts[1]))
+    return sorted(out)
 
 
 class _HashingWriter:
@@ -104,12 +185,12 @@ class ShardWriter:
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
 
-    def add(self, key: str, image_ext: str, image: bytes, record: bytes) -> None:
+    def add(self, key: str, image: bytes, record: bytes) -> None:
         if key <= self._last_key:
             raise ValueError(f"keys must be added in increasing order ({key!r} after {self._last_key!r})")
         self._last_key = key
-        # members sorted by name within the sample: "<key>.jpg" < "<key>.json", "<key>.json" < "<key>.png"
-        for name, data in sorted([(f"{key}.{image_ext}", image), (f"{key}.json", record)]):
+        # members sorted by name within the sample: "<key>.image" < "<key>.json"
+        for name, data in sorted([(f"{key}.{IMAGE}", image), (f"{key}.json", record)]):
             self._member(name, data)
         self.num_samples += 1
 
@@ -130,15 +211,26 @@ class ShardWriter:
 
 def shard_urls(output: str, dataset: str, split: str) -> list[str]:
     """The shard locations of a converted split, in order, from its manifest."""
-    directory = split_dir(output, dataset, split)
-    manifest = read_manifest(storage.join(directory, "manifest.json"))
+    manifest = split_manifest(output, dataset, split)
     if manifest is None:
-        raise FileNotFoundError(f"{directory} has no manifest.json: convert the split first")
+        raise FileNotFoundError(f"{manifest_location(output, dataset, split)} does not exist: "
+                                f"convert {dataset}/{split} first")
+    directory = split_dir(output, dataset, split)
     return [storage.join(directory, s.name) for s in manifest.shards]
 
 
+def sample_members(location: str, key: str, suffixes: list[str]) -> None:
+    """Check that sample `key` of shard `location` has exactly the members of this layout."""
+    if sorted(suffixes) == [IMAGE, "json"]:
+        return
+    if "json" in suffixes and len(suffixes) == 2:
+        raise OldLayoutError(f"{location}: sample {key} has members {sorted(suffixes)}: a shard of an older xsam "
+                             f"layout (image member .jpg/.png, not .{IMAGE}): reconvert its split")
+    raise ValueError(f"{location}: sample {key} has members {sorted(suffixes)}, want {IMAGE} + json")
+
+
 def iter_tar(location: str) -> Iterator[tuple[str, bytes, str, Sample]]:
-    """Plain reader for tools and tests: yields (key, image bytes, image ext, sample)."""
+    """Plain reader for tools and tests: yields (key, image bytes, image encoding, sample)."""
     data = storage.read_bytes(location)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         members: dict[str, dict[str, bytes]] = {}
@@ -151,9 +243,9 @@ def iter_tar(location: str) -> Iterator[tuple[str, bytes, str, Sample]]:
             members[key][ext] = tar.extractfile(m).read()
     for key in order:
         parts = members[key]
-        sample = Sample.from_json_bytes(parts.pop("json"))
-        (ext, image), = parts.items()
-        yield key, image, ext, sample
+        sample_members(location, key, list(parts))
+        sample = Sample.from_json_bytes(parts["json"])
+        yield key, parts[IMAGE], sample.image.format, sample
 
 
 def json_line(obj: dict) -> str:

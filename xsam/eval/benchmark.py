@@ -26,7 +26,6 @@ Counts (`n_images`, `n_queries`, `n_prompts`) are reported beside the metrics.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,18 +36,39 @@ import torch
 from xsam.data import masks as rle
 from xsam.data.schema import PromptType, Sample, Task
 from xsam.eval import gcg as gcg_protocol
-from xsam.eval.instance import InstanceAccumulator, vgd_ground_truth
+from xsam.eval.instance import InstanceAccumulator, segment_ground_truth, vgd_ground_truth
 from xsam.eval.interactive import InteractiveAccumulator
 from xsam.eval.panoptic import PQAccumulator
 from xsam.eval.referring import ReferringAccumulator
 from xsam.eval.semantic import SemanticAccumulator
-from xsam.model.predict import Prediction, Request, overlay, predict
+from xsam.model.predict import Prediction, Request, predict
 from xsam.train.formatting import decode_image
 
 # the metric a benchmark is selected on (reference section 3, "metric" column)
 PRIMARY = {Task.generic_seg: "pq", Task.semantic_seg: "miou", Task.instance_seg: "ap", Task.referring_seg: "ciou",
            Task.gres: "ciou", Task.reasoning_seg: "giou", Task.gcg: "miou", Task.vgd: "ap",
            Task.interactive: "miou"}
+
+
+def metric_names(task: Task) -> frozenset[str]:
+    """The metric names `Benchmark.result` can report for `task` (what a registry entry's `metrics` may
+    list), built from the accumulators' own name lists; empty for a task with no benchmark (chat)."""
+    from xsam.eval import instance, referring, semantic
+
+    ap = {n.lower() for n in instance.METRIC_NAMES}
+    names = {
+        Task.generic_seg: {f"{g}{m}" for g in ("", "things/", "stuff/") for m in ("pq", "sq", "rq")},
+        Task.semantic_seg: {n.lower() for n in semantic.METRIC_NAMES},
+        Task.instance_seg: ap,
+        Task.vgd: {"ap"} | {f"{t.value}/{m}" for t in PromptType for m in ap},
+        Task.interactive: set(InteractiveAccumulator.metric_names),
+        Task.gcg: {n.lower() for n in gcg_protocol.MASK_METRIC_NAMES + gcg_protocol.CAPTION_METRIC_NAMES},
+    }.get(task)
+    if names is None:
+        names = set(referring.METRIC_NAMES) if task in PRIMARY else set()
+    return frozenset(names)
+
+
 GCG_MAX_NEW_TOKENS = gcg_protocol.GCG_MAX_NEW_TOKENS  # greedy GCG generation budget per sample (the paper's 512)
 COUNTS = "counts"  # the accumulator key of the sample counts
 
@@ -185,8 +205,8 @@ class Benchmark:
 
     # ---------------------------------------------------------------- one query at a time
     def evaluate(self, model, tokenizer, sample: Sample, image_bytes: bytes, acc: dict[str, Any]) -> bytes | None:
-        """Score one sample, one `predict` per query (the reference path); returns an overlay PNG of
-        (one of) its predictions."""
+        """Score one sample, one `predict` per query (the reference path); returns its overlay PNG
+        (`overlay_png`)."""
         image = decode_image(image_bytes, sample)
         torch.manual_seed(self.torch_seed(sample))
         queries = self.queries(sample)
@@ -194,20 +214,19 @@ class Benchmark:
                          q.request.is_thing, max_new_tokens=GCG_MAX_NEW_TOKENS, is_sentence=q.request.is_sentence)
                  for q in queries]
         self.score(sample, queries, preds, acc)
-        return overlay_png(image, preds)
+        return overlay_png(self, sample, image, queries, preds)
 
     def _names(self) -> list[str]:
         return [c["name"] for c in self.categories]
 
 
-def overlay_png(image: np.ndarray, preds: list[Prediction]) -> bytes | None:
-    """An overlay PNG of the last prediction with masks, None when there is none."""
-    pred = next((p for p in reversed(preds) if len(p.masks)), None)
-    if pred is None:
-        return None
-    buf = io.BytesIO()
-    overlay(image, pred).save(buf, format="PNG")
-    return buf.getvalue()
+def overlay_png(bench: Benchmark, sample: Sample, image: np.ndarray, queries: list[Query],
+                preds: list[Prediction]) -> bytes | None:
+    """The sample's evaluation overlay (xsam.eval.overlay: ground truth and prediction side by side,
+    labels, legend) as PNG bytes; None when the sample asks no query."""
+    from xsam.eval.overlay import sample_overlay
+
+    return sample_overlay(bench, sample, image, queries, preds)
 
 
 # -------------------------------------------------------------------- queries per task
@@ -279,8 +298,7 @@ def _score_generic(b: Benchmark, sample: Sample, queries: list[Query], preds: li
         return
     cat_of = {c["name"]: c["id"] for c in cats}
     if b.task is Task.instance_seg:
-        acc["ap"].add([{"mask": s.mask.model_dump(), "category_id": s.category_id, "iscrowd": s.iscrowd}
-                       for s in sample.segments],
+        acc["ap"].add([segment_ground_truth(s) for s in sample.segments],
                       [{"mask": m, "category_id": cat_of[label], "score": sc}
                        for m, label, sc in zip(pred.masks, pred.labels, pred.scores)])
         return

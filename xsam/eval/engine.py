@@ -83,7 +83,7 @@ class Engine:
             done = self.predict(bench, [(s, im) for _, s, im in group])
             for (key, sample, image), (queries, preds) in zip(group, done):
                 bench.score(sample, queries, preds, acc)
-                if len(pngs) < overlays and (png := overlay_png(image, preds)) is not None:
+                if len(pngs) < overlays and (png := overlay_png(bench, sample, image, queries, preds)) is not None:
                     pngs.append((key, png))
             progress.update(len(group), sum(len(q) for q, _ in done))
         progress.close()

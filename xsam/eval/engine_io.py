@@ -8,7 +8,7 @@ fed while the main thread runs the model; results come back in the order asked, 
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +20,7 @@ import numpy as np
 from xsam.data.schema import Sample
 from xsam.train.format_common import decode_image
 
+log = logging.getLogger(__name__)
 K = TypeVar("K")
 T = TypeVar("T")
 
@@ -57,12 +58,18 @@ def shard_loader(index) -> Callable:
 
 class Progress:
     """A plain progress line per benchmark, at most every `every_s` seconds and once at the end
-    (None / 0: silent): images done of the total, queries, images/s and queries/s, time left."""
+    (None / 0: silent): images done of the total, queries, images/s and queries/s, time left.
+
+    The lines go to the `xsam.eval.engine_io` logger (INFO), or to `stream` when one is given. The
+    closing "(done)" line of a benchmark that took less than `every_s` and wrote no line before is
+    DEBUG: a run over many small benchmarks logs one line per checkpoint (the caller's), not one per
+    benchmark, while a long benchmark is never silent for more than `every_s`."""
 
     def __init__(self, name: str, total: int | None, every_s: float | None = 30.0, stream=None):
         self.name, self.total, self.every_s = name, total, every_s
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = stream
         self.images = self.queries = 0
+        self.lines = 0
         self.start = self.last = time.monotonic()
 
     def update(self, images: int, queries: int) -> None:
@@ -88,4 +95,10 @@ class Progress:
                 f"{self.queries / elapsed:.2f} queries/s{left}")
 
     def _print(self, now: float, final: bool = False) -> None:
-        print(self.line(now) + (" (done)" if final else ""), file=self.stream, flush=True)
+        text = self.line(now) + (" (done)" if final else "")
+        if self.stream is not None:
+            print(text, file=self.stream, flush=True)
+        else:
+            short = final and self.lines == 0 and now - self.start < (self.every_s or 0)
+            log.log(logging.DEBUG if short else logging.INFO, text)
+        self.lines += 1

@@ -19,9 +19,9 @@ left without annotations; genseg / vgdseg evaluators build the COCO GT from what
   its predictions are not counted (the original never runs it). ``"count"``: its predictions are
   false positives (pycocotools on a GT file that lists the image);
 - the GT ``area`` (COCO's small / medium / large ranges) is the dict's ``area`` when given, else the
-  mask's pixel count. (The original computes it from the segmentation: the polygon's shoelace area
-  for polygons; the shards keep only the rasterised mask, so its pixel count is used. Only
-  APs / APm / APl can differ, for objects at the 32^2 / 96^2 boundaries.)
+  mask's pixel count. `segment_ground_truth` gives a shard segment's source ``area`` (the annotation's
+  own, as pycocotools reads it from the GT file: the polygon's area for polygons) when the source had
+  one (`Segment.source_area`), else its mask's pixel count.
 
 Other conventions (pycocotools'): a category with ground truth in the split but no prediction has
 AP 0; a category without ground truth is left out of the mean; a metric COCO leaves undefined
@@ -259,6 +259,14 @@ def summarize_segm(ev: COCOeval) -> dict[str, float]:
     }
 
 
+def segment_ground_truth(segment: Any) -> dict:
+    """An `add` gt dict of a shard `Segment`; ``area`` is the source's own area where the source gave
+    one (COCO's size ranges are defined on it), else the mask's pixel count."""
+    area = segment.source_area if segment.source_area is not None else segment.area
+    return {"mask": segment.mask.model_dump(), "category_id": segment.category_id, "iscrowd": segment.iscrowd,
+            "area": area}
+
+
 def vgd_ground_truth(sample: Any, prompt_type: Any) -> list[dict]:
     """The original's VGD ground truth of one sample for one prompt type (vgdseg_dataset.py
     `_load_ann_data`, eval branch): the non-crowd segments that carry a NON-EMPTY visual prompt of
@@ -269,8 +277,7 @@ def vgd_ground_truth(sample: Any, prompt_type: Any) -> list[dict]:
 
     ptype = PromptType(prompt_type)
     prompted = {vp.segment_id for vp in sample.visual_prompts if vp.type is ptype and _rle_area(vp.mask) > 0}
-    return [{"mask": s.mask.model_dump(), "category_id": s.category_id, "iscrowd": 0, "area": s.area}
-            for s in sample.segments if s.id in prompted and not s.iscrowd]
+    return [{**segment_ground_truth(s), "iscrowd": 0} for s in sample.segments if s.id in prompted and not s.iscrowd]
 
 
 def _rle_area(rle: Any) -> int:

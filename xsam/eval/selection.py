@@ -3,7 +3,7 @@ alias (default `champion`) points at the best one by a rule, and the decision is
 Aliases and tags, never the deprecated stages.
 
 The rule `mean_primary` (each benchmark's primary metric is read from the version's evaluation run:
-metric `<benchmark>/<metric>` and the run's tag `xsam.primary.<benchmark>` naming it; a missing or NaN
+metric `metric_key(<benchmark>, <metric>)` and the run's tag `xsam.primary.<benchmark>` naming it; a missing or NaN
 primary counts as NOT SCORED):
 
 1. versions whose evaluation was partial (`--max-samples`: tag `xsam.partial` = "true" on the version)
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from xsam.tracking import metric_name
+
 
 @dataclass
 class Decision:
@@ -36,19 +38,22 @@ class Decision:
 
 
 def metric_key(benchmark: str, metric: str) -> str:
-    """The MLflow metric name of a benchmark's metric (MLflow allows '/' in metric names)."""
-    return f"{benchmark}/{metric}"
+    """The MLflow metric name of a benchmark's metric: `<dataset>/<split>/<metric>` by the one rule
+    (xsam.tracking.metric_name: lowercase, "/" groups)."""
+    return metric_name(benchmark, metric)
 
 
 def register_checkpoint(client: MlflowClient, model_name: str, source: str, run_id: str,
-                        tags: dict[str, str] | None = None) -> str:
-    """A new version of `model_name` whose source is the exported checkpoint; returns its number."""
+                        tags: dict[str, str] | None = None, model_id: str | None = None) -> str:
+    """A new version of `model_name` whose source is the checkpoint's logged pyfunc model (`models:/<model
+    id>`, xsam.model.pyfunc; or any model / artifact URI); returns its number."""
     try:
         client.create_registered_model(model_name)
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    version = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags or {})
+    version = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags or {},
+                                          model_id=model_id)
     return version.version
 
 

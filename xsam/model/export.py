@@ -3,7 +3,9 @@
 An export is a folder or an s3:// prefix:
 
     config.json                            transformers-style: model_type "xsam", architectures, the
-                                           stage, every size (XSAMConfig.to_dict()), special-token ids
+                                           stage, every size (XSAMConfig.to_dict()), special-token ids;
+                                           `AutoConfig.from_pretrained(export)` reads it once this module
+                                           (or xsam.model.hf_config) is imported
     model-00001-of-0000n.safetensors ...   shards of at most `max_shard_size` bytes (whole file, header
                                            included); a single larger tensor gets a shard of its own
     model.safetensors.index.json           {"metadata": {"total_size"}, "weight_map": {key: shard}}
@@ -39,6 +41,7 @@ from safetensors.torch import save as save_safetensors
 
 from xsam.data import storage
 from xsam.model.config import XSAMConfig
+from xsam.model.hf_config import MODEL_TYPE  # importing it registers model_type "xsam" with AutoConfig
 from xsam.model.tokenizer import SPECIAL_TOKENS, token_id
 from xsam.model.xsam import XSAM
 
@@ -46,7 +49,6 @@ DEFAULT_SHARD_SIZE = 2 * 10**9  # bytes ("2GB" as transformers counts it)
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
-MODEL_TYPE = "xsam"
 ARCHITECTURE = XSAM.__name__
 _SHARD_METADATA = {"format": "pt"}
 _RESERVED = ("stage", "config", "keys", "files", "tokenizer_files")

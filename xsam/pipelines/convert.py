@@ -17,8 +17,16 @@ import pickle
 import sys
 from typing import Iterable
 
-from xsam.data.convert import (DEFAULT_MAX_BYTES, DEFAULT_MAX_SAMPLES, ShardResult, ShardSpec, SplitOutcome,
-                               convert, write_shard)
+from xsam import logs
+from xsam.data.convert import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_SAMPLES,
+    ShardResult,
+    ShardSpec,
+    SplitOutcome,
+    convert,
+    write_shard,
+)
 from xsam.data.readers.base import ConvertSettings
 from xsam.data.registry import load_registry
 
@@ -49,10 +57,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = logs.ray_init_kwargs(logs.current(), local_cluster=not address)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--serial", action="store_true", help="run shard tasks in this process, without Ray")
+    logs.add_arguments(p)
     return p
 
 
-def run(args: argparse.Namespace) -> tuple[int, list[SplitOutcome]]:
+def run(args: argparse.Namespace, report=print) -> tuple[int, list[SplitOutcome]]:
+    """Validate or convert; per-split lines and the total go to `report` (the CLI prints them; the workflow
+    passes a DEBUG logger and reports the total itself). Failures always go to stderr."""
     entries, problems = load_registry(args.registry)
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
@@ -106,11 +118,12 @@ def run(args: argparse.Namespace) -> tuple[int, list[SplitOutcome]]:
         init_ray(args.ray_address, args.num_cpus)
         executor = ray_executor
     outcomes = convert(selected, args.data_root, args.output, executor=executor, settings=settings,
-                       max_samples=args.max_samples_per_shard, max_bytes=args.max_shard_bytes, force=args.force)
+                       max_samples=args.max_samples_per_shard, max_bytes=args.max_shard_bytes, force=args.force,
+                       log=report)
     failed = [o for o in outcomes if o.status == "failed"]
     written = sum(o.manifest.num_samples for o in outcomes if o.manifest)
     quarantined = sum(o.manifest.num_quarantined for o in outcomes if o.manifest)
-    print(f"[convert] {len(outcomes) - len(failed)} split(s) ready ({written} samples, {quarantined} quarantined), "
+    report(f"[convert] {len(outcomes) - len(failed)} split(s) ready ({written} samples, {quarantined} quarantined), "
           f"{len(failed)} failed; output {args.output}")
     for o in failed:
         print(f"[convert] FAILED {o.dataset}/{o.split}: {o.error}", file=sys.stderr)
@@ -118,7 +131,11 @@ def run(args: argparse.Namespace) -> tuple[int, list[SplitOutcome]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code, _ = run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    # a standalone conversion keeps Ray Data's progress bars (its progress display); the rest as logs.setup
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    logs.setup(logs.verbosity_of(args))
+    code, _ = run(args)
     return code
 
 

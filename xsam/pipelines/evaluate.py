@@ -8,12 +8,17 @@ The checkpoints are scored concurrently where resources allow (the model copies 
 checkpoint: a pool of Ray actors (one model copy each; with --gpus-per-worker 1 one per GPU, the
 model on it, bf16 by default: --device, --dtype) scores the benchmarks' samples with the batched engine
 (xsam.eval.engine), chunk by chunk, with a progress line per benchmark; the accumulators are summed in
-sample order; one parent MLflow run per checkpoint gets every benchmark's metrics
-(`<benchmark>/<metric>`, with the counts `<benchmark>/n_images`, `n_queries`, `n_prompts`), the
-primary metric of each as a tag, the lineage (checkpoint, training
-config, data fingerprints, seed, code version) and a child run per benchmark with its per-category
-table and a few prediction overlays. Each checkpoint becomes a version of the registered model and
-the alias (default `champion`) moves to the best one by the selection rule (xsam.eval.selection).
+sample order. One MLflow evaluation run per checkpoint, created (RUNNING) before its scoring starts
+and ended after, flat (a workflow that started it is named in the `xsam.parent_run` tag), in an
+experiment made by xsam.tracking (UI kind tag, artifacts beside a local store) gets: every benchmark's
+metrics (`<dataset>/<split>/<metric>`, the one naming rule of xsam.tracking.metric_name, with the counts
+`n_images`, `n_queries`, `n_prompts`), the primary metric of each as a tag, the lineage (checkpoint,
+training config, data fingerprints, seed, code version), per benchmark under
+`benchmarks/<dataset>/<split>/` its per-category table (xsam.eval.per_category, an MLflow table) and the
+overlays of its first --overlays samples in shard order (xsam.eval.overlay: the same samples for every
+checkpoint), and the checkpoint as a pyfunc model "model" (xsam.model.pyfunc). That model becomes a
+version of the registered model and the alias (default `champion`) moves to the best one by the
+selection rule (xsam.eval.selection): `mlflow.pyfunc.load_model("models:/xsam@champion")` loads it.
 Benchmarks default to every evaluation split (role: eval) converted under --shards.
 """
 
@@ -21,16 +26,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
+import re
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from xsam import logs
 from xsam.data import storage
 from xsam.data.schema import Task
-from xsam.data.shards import read_manifest
+from xsam.data.shards import split_manifest
 
+log = logging.getLogger(__name__)
 
 
 class EvalWorker:
@@ -93,7 +104,7 @@ def discover_benchmarks(shards: str, names: list[str] | None, seed: int):
     out = []
     for name in sorted(wanted):
         dataset, split = name.split("/", 1)
-        m = read_manifest(storage.join(shards, dataset, split, "manifest.json"))
+        m = split_manifest(shards, dataset, split)
         if m is None:
             raise FileNotFoundError(f"benchmark {name}: no manifest under {shards} (convert it first)")
         if names or m.role == "eval":
@@ -119,7 +130,7 @@ def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max
     actor = ray.remote(num_cpus=1, num_gpus=gpus)(EvalWorker)
     pool_actors = [actor.remote(checkpoint, shards, device, dtype, engine) for _ in range(workers)]
     where = sorted(set(ray.get([a.describe.remote() for a in pool_actors])))
-    print(f"[evaluate] {checkpoint}: {workers} actor(s) on {', '.join(where)}", flush=True)
+    log.debug(f"[evaluate] {checkpoint}: {workers} actor(s) on {', '.join(where)}")
     pool = ActorPool(pool_actors)
     results = {}
     for bench in benches:
@@ -128,7 +139,8 @@ def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max
         chunks = [list(range(k, min(k + chunk, n))) for k in range(0, n, max(1, chunk))]
         progress = Progress(bench.name, n, progress_every)
         acc, pngs = bench.new(), []
-        work = pool.map(lambda a, idx, b=bench: a.score.remote(b, idx, overlays), chunks)
+        # the overlays: the first `overlays` samples in shard order (the same for every checkpoint)
+        work = pool.map(lambda a, idx, b=bench: a.score.remote(b, idx, max(0, overlays - idx[0])), chunks)
         for idx, (part, part_pngs) in zip(chunks, work):
             acc = {k: acc[k] + part[k] for k in acc}
             pngs += part_pngs[:max(0, overlays - len(pngs))]
@@ -140,56 +152,74 @@ def evaluate_checkpoint(checkpoint: str, benches, shards: str, workers: int, max
     return results
 
 
-def log_checkpoint(client, experiment_id: str, checkpoint: str, benches, results, seed: int, fingerprints,
-                   parent_run: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
-    from xsam.pipelines.train import code_version
+def start_run(client, experiment_id: str, checkpoint: str, benches, seed: int, fingerprints,
+              parent_run: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
+    """The checkpoint's evaluation run, created (RUNNING) BEFORE scoring so its duration is the scoring's:
+    tags (kind, checkpoint, lineage, each benchmark's primary metric), params, the training config.
+    Flat: a workflow that started the evaluation is named in the `xsam.parent_run` tag."""
     from xsam.model.export import read_manifest as read_export_manifest
+    from xsam.pipelines.train import code_version
+    from xsam.tracking import PARENT_TAG
 
     manifest = read_export_manifest(checkpoint)
-    parent = client.create_run(experiment_id, run_name=f"eval {Path(checkpoint.rstrip('/')).parent.name}", tags={
+    run = client.create_run(experiment_id, run_name=f"eval {Path(checkpoint.rstrip('/')).parent.name}", tags={
         "xsam.kind": "evaluation", "xsam.checkpoint": checkpoint, "xsam.code_version": code_version(),
         "xsam.seed": str(seed), "xsam.train_data_fingerprint": str(manifest.get("data_fingerprint")),
         **{f"xsam.primary.{b.name}": b.primary for b in benches},
         **{f"xsam.eval_data.{name}": fp for name, fp in fingerprints.items()},
-        **({"mlflow.parentRunId": parent_run} if parent_run else {}), **(extra_tags or {})})
-    pid = parent.info.run_id
-    client.log_param(pid, "checkpoint", checkpoint)
-    client.log_param(pid, "benchmarks", ",".join(b.name for b in benches))
+        **({PARENT_TAG: parent_run} if parent_run else {}), **(extra_tags or {})})
+    rid = run.info.run_id
+    client.log_param(rid, "checkpoint", checkpoint)
+    client.log_param(rid, "benchmarks", ",".join(b.name for b in benches))
     if manifest.get("train_config"):
-        client.log_dict(pid, manifest["train_config"], "lineage/train_config.json")
+        client.log_dict(rid, manifest["train_config"], "lineage/train_config.json")
+    return rid
+
+
+def benchmark_folder(bench) -> str:
+    """The run's artifact folder of one benchmark: benchmarks/<dataset>/<split>."""
+    return f"benchmarks/{bench.dataset}/{bench.split}"
+
+
+def log_results(client, run_id: str, benches, results) -> None:
+    """Every benchmark's metrics (`<dataset>/<split>/<metric>`, xsam.tracking.metric_name), its
+    per-category table (an MLflow table: valid JSON, NaN as null) and its overlays, in the run `run_id`."""
+    import pandas as pd
+    from mlflow.entities import Metric
+
+    from xsam.eval.per_category import per_category
+    from xsam.eval.selection import metric_key
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(metric_key(b.name, k), float(v), now, 0)
+               for b in benches for k, v in results[b.name][0].items()
+               if not math.isnan(v)]  # NaN: not scored, not logged
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
     for bench in benches:
-        metrics, acc, pngs = results[bench.name]
-        child = client.create_run(experiment_id, run_name=bench.name, tags={
-            "mlflow.parentRunId": pid, "xsam.kind": "benchmark", "xsam.benchmark": bench.name})
-        for key, value in metrics.items():
-            if value == value:  # skip NaN
-                client.log_metric(pid, f"{bench.name}/{key}", float(value))
-                client.log_metric(child.info.run_id, key, float(value))
-        table = _per_category(acc)
-        if table:
-            client.log_dict(child.info.run_id, table, "per_category.json")
-        for key, png in pngs:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp, f"{key}.png")
-                path.write_bytes(png)
-                client.log_artifact(child.info.run_id, str(path), "overlays")
-        client.set_terminated(child.info.run_id)
-    client.set_terminated(pid)
-    return pid
+        _, acc, pngs = results[bench.name]
+        folder = benchmark_folder(bench)
+        rows = per_category(bench, acc)
+        if rows:
+            client.log_table(run_id, pd.DataFrame(rows), f"{folder}/per_category.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            for key, png in pngs:
+                Path(tmp, re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".png").write_bytes(png)
+            if pngs:
+                client.log_artifacts(run_id, tmp, f"{folder}/overlays")
 
 
-def _per_category(acc: dict) -> dict:
-    table = {}
-    for name, a in acc.items():
-        for attr in ("per_class_iou", "per_class", "per_category"):
-            fn = getattr(a, attr, None)
-            if callable(fn):
-                try:
-                    table[name] = fn()
-                except (ValueError, ZeroDivisionError):
-                    pass
-                break
-    return table
+def log_model(run_id: str, checkpoint: str) -> tuple[str, str]:
+    """The checkpoint as an MLflow pyfunc model ("model") of the run (xsam.model.pyfunc): a local export is
+    copied in as the artifact "export"; a remote one (s3://) is referenced (read directly at load time).
+    Ends the run (FINISHED). -> (model URI, model id)."""
+    import mlflow
+
+    from xsam.model.pyfunc import log_xsam_model
+
+    with mlflow.start_run(run_id=run_id):
+        info = log_xsam_model(checkpoint)
+    return info.model_uri, info.model_id
 
 
 def run(argv: list[str] | None = None):
@@ -214,20 +244,27 @@ def run(argv: list[str] | None = None):
     p.add_argument("--max-sequences", type=int, default=32, help="sequences per LLM / decoder batch")
     p.add_argument("--chunk", type=int, default=64, help="samples per work item handed to an actor")
     p.add_argument("--max-samples", type=int, help="cap per benchmark (quick runs)")
-    p.add_argument("--overlays", type=int, default=3)
+    p.add_argument("--overlays", type=int, default=3,
+                   help="overlay pictures per benchmark: its first N samples in shard order (same for every checkpoint)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parent-run", help="MLflow run id to nest the evaluation runs under (the workflow's)")
+    p.add_argument("--parent-run", help="MLflow run id that started this evaluation (the workflow's): "
+                   "tagged xsam.parent_run on the evaluation runs")
+    logs.add_arguments(p)
     args = p.parse_args(argv)
+    verbosity = logs.verbosity_of(args)
+    logs.setup(verbosity)
 
+    import mlflow
     import ray
     from mlflow import MlflowClient
 
     from xsam.eval.selection import RULE, current_alias, register_checkpoint, select
+    from xsam.tracking import experiment_id
     from xsam.train.shard_index import ShardIndex
 
+    mlflow.set_tracking_uri(args.tracking_uri)  # the pyfunc model is logged with the fluent API
     client = MlflowClient(args.tracking_uri)
-    exp = client.get_experiment_by_name(args.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
+    exp_id = experiment_id(client, args.experiment, args.tracking_uri)
     benches = discover_benchmarks(args.shards, args.benchmarks.split(",") if args.benchmarks else None, args.seed)
     if not benches:
         raise SystemExit("[evaluate] no benchmark to score")
@@ -240,7 +277,9 @@ def run(argv: list[str] | None = None):
     if args.device == "cuda" and not args.gpus_per_worker:
         raise SystemExit("[evaluate] --device cuda needs --gpus-per-worker > 0 (a GPU per actor)")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False,
+                 **logs.ray_init_kwargs(verbosity, {"HF_HUB_OFFLINE": "1"}, local_cluster=address is None))
     workers = args.workers
     if workers is None:
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -252,26 +291,35 @@ def run(argv: list[str] | None = None):
     # checkpoints (C <= W: W // C each, all start at once; C > W: one each, a checkpoint's single actor waits
     # for a free slot - never a half-started pool, so no two pools wait on each other)
     per = max(1, workers // len(checkpoints))
-    with ThreadPoolExecutor(len(checkpoints)) as threads:
-        futures = [threads.submit(evaluate_checkpoint, c, benches, args.shards, per, args.max_samples, args.overlays,
-                                  args.gpus_per_worker, args.device, args.dtype, engine, args.chunk)
-                   for c in checkpoints]
-    for checkpoint, future in zip(checkpoints, futures):
-        results = future.result()
-        run_id = log_checkpoint(client, exp_id, checkpoint, benches, results, args.seed, fingerprints, args.parent_run,
-                                extra_tags={**partial, **({"xsam.truncated": ",".join(truncated)} if truncated else {})})
-        run_ids.append(run_id)
-        source = checkpoint
-        if not storage.is_uri(checkpoint):  # the registry keeps its own copy of a local checkpoint
-            client.log_artifacts(run_id, checkpoint, "checkpoint")
-            source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
-        version = register_checkpoint(client, args.model_name, source, run_id,
-                                      {"xsam.checkpoint": checkpoint, **partial})
-        summary = {b.name: round(results[b.name][0].get(b.primary, float("nan")), 3) for b in benches}
-        print(f"[evaluate] {checkpoint}: version {version}, run {run_id}, primary {json.dumps(summary)}")
+    tags = {**partial, **({"xsam.truncated": ",".join(truncated)} if truncated else {})}
+    # the runs exist (RUNNING) while their checkpoints are scored; a failure marks them FAILED
+    pending = {c: start_run(client, exp_id, c, benches, args.seed, fingerprints, args.parent_run, tags)
+               for c in checkpoints}
+    try:
+        with ThreadPoolExecutor(len(checkpoints)) as threads:
+            futures = [threads.submit(evaluate_checkpoint, c, benches, args.shards, per, args.max_samples,
+                                      args.overlays, args.gpus_per_worker, args.device, args.dtype, engine, args.chunk)
+                       for c in checkpoints]
+        for checkpoint, future in zip(checkpoints, futures):
+            results = future.result()
+            run_id = pending[checkpoint]
+            log_results(client, run_id, benches, results)
+            model_uri, model_id = log_model(run_id, checkpoint)  # ends the run
+            del pending[checkpoint]
+            run_ids.append(run_id)
+            version = register_checkpoint(client, args.model_name, model_uri, run_id,
+                                          {"xsam.checkpoint": checkpoint, **partial}, model_id=model_id)
+            summary = {b.name: round(results[b.name][0].get(b.primary, float("nan")), 3) for b in benches}
+            scored = [v for v in summary.values() if not math.isnan(v)]
+            log.info(f"[evaluate] version {version} <- {checkpoint}: mean primary "
+                     f"{sum(scored) / max(1, len(scored)):.2f} over {len(scored)} benchmarks (run {run_id})")
+            log.debug(f"[evaluate] version {version} primary metrics {json.dumps(summary)}")
+    finally:
+        for run_id in pending.values():
+            client.set_terminated(run_id, "FAILED")
     decision = select(client, args.model_name, args.alias)
     if decision is None:
-        print(f"[evaluate] alias {args.alias!r} not moved: every version is partial (--max-samples)")
+        log.warning(f"[evaluate] alias {args.alias!r} not moved: every version is partial (--max-samples)")
     else:
         record = {"alias": args.alias, "version": decision.version, "rule": RULE, "score": decision.score,
                   "benchmarks": decision.metrics, "candidates": decision.candidates}

@@ -10,25 +10,30 @@ chained by their results. Each step is content-addressed (its config, the data f
 upstream steps' keys, the code version): a step whose recorded key matches is skipped, so a rerun
 does nothing and a run killed mid-way picks up after its last complete step - inside a training
 stage from its last checkpoint, since the stage's Ray Train run name carries the step key.
+
+It converts only the datasets its stages train on and the profile's `benchmarks` score (or
+`--datasets`); a split whose source is missing fails alone (its error names the file or folder), the
+others convert, and the run stops before the first step that needs a failed split, naming it. Keys,
+the datasets needed and that stop are decided in xsam.pipelines.workflow. A stage name in a profile's
+`init_from` ([s1, s2]) is that stage's export from this run.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from xsam.pipelines.workflow import key as _key
+
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages when installed)
 STAGES = ("s1", "s2", "s3")
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class StepBook:
@@ -54,18 +59,20 @@ class StepBook:
 
 # ---------------------------------------------------------------------------------------- steps
 def convert_step(registry: str, data_root: str, shards: str, datasets: list[str]) -> dict:
-    """Convert the registry's datasets (all of them when `datasets` is empty)."""
+    """Convert the named datasets of the registry. A split that fails (a missing source: its error names
+    the file or folder) is listed under "failed"; the others still convert."""
     from xsam.pipelines.convert import build_parser, run
 
-    argv = ["--registry", registry, "--data-root", data_root, "--output", shards]
-    if datasets:
-        argv += ["--datasets", ",".join(datasets)]
-    code, outcomes = run(build_parser().parse_args(argv))
-    if code:
-        raise RuntimeError(f"conversion failed (exit {code}); see the log above")
-    fingerprint = _key(sorted((o.dataset, o.split, o.manifest.source_fingerprint) for o in outcomes))
+    argv = ["--registry", registry, "--data-root", data_root, "--output", shards, "--datasets", ",".join(datasets)]
+    # per-split lines at DEBUG: the workflow reports the total itself (one line)
+    code, outcomes = run(build_parser().parse_args(argv), report=logging.getLogger("xsam.data.convert").debug)
+    if code not in (0, 1):  # 2: an invalid registry (its problems are printed above)
+        raise RuntimeError(f"conversion refused (exit {code}); see the log above")
+    done = [o for o in outcomes if o.status != "failed"]
+    fingerprint = _key(sorted((o.dataset, o.split, o.manifest.source_fingerprint) for o in done))
     return {"shards": shards, "fingerprint": fingerprint,
-            "samples": {f"{o.dataset}/{o.split}": o.manifest.num_samples for o in outcomes}}
+            "samples": {f"{o.dataset}/{o.split}": o.manifest.num_samples for o in done},
+            "failed": {f"{o.dataset}/{o.split}": o.error for o in outcomes if o.status == "failed"}}
 
 
 def train_step(cfg_dict: dict, *upstream: dict) -> dict:
@@ -108,6 +115,8 @@ def storage_join(base: str, *parts: str) -> str:
 def comparison(client, model_name: str, found: list[dict], workflow_run: str) -> dict:
     """Tag each candidate's registered version with its lineage and build the candidates x benchmarks table
     (primary metrics) from the registry: the same table whether the evaluate step ran or was skipped."""
+    from xsam.eval.selection import metric_key
+
     by_export = {c["export"]: c for c in found}
     rows, benchmarks = [], set()
     for v in client.search_model_versions(f"name = '{model_name}'"):
@@ -124,7 +133,7 @@ def comparison(client, model_name: str, found: list[dict], workflow_run: str) ->
                 client.set_model_version_tag(model_name, v.version, k, val)
         run = client.get_run(v.run_id)
         primary = {t[len("xsam.primary."):]: m for t, m in run.data.tags.items() if t.startswith("xsam.primary.")}
-        scores = {b: run.data.metrics.get(f"{b}/{m}") for b, m in primary.items()}
+        scores = {b: run.data.metrics.get(metric_key(b, m)) for b, m in primary.items()}
         benchmarks |= set(scores)
         rows.append({"version": v.version, "step": cand["step"], "export": cand["export"],
                      "partial": (v.tags or {}).get("xsam.partial") == "true", "scores": scores})
@@ -161,34 +170,76 @@ def evaluate_step(argv: list[str], upstream: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------- plan
 def stage_configs(profile: str, shards: str | None, overrides: list[str]) -> dict:
-    from xsam.train.config import load_profile, profile_path
+    """Every stage's validated config (a SettingsError lists every bad value, before anything starts)."""
+    from xsam.train.config import load_profiles, profile_path
 
     extra = [f"shards={shards}"] if shards else []
-    return {stage: load_profile(profile_path(profile), stage, extra + overrides).with_absolute_paths(os.getcwd())
-            for stage in STAGES}
+    cfgs = load_profiles(profile_path(profile), extra + overrides)
+    missing = [s for s in STAGES if s not in cfgs]
+    if missing:
+        from xsam.train.config import SettingsError
+
+        raise SettingsError([f"{profile_path(profile)}: stages: the workflow trains {', '.join(STAGES)}; "
+                             f"missing {', '.join(missing)}"])
+    return {stage: cfg.with_absolute_paths(os.getcwd()) for stage, cfg in cfgs.items()}
+
+
+def plan_datasets(args, cfgs: dict, registry: str, benchmarks: list[str] | None) -> list[str]:
+    """The datasets this run converts: --datasets, else those its stages and benchmarks use (each must
+    be a registry entry: an unknown one is an error naming the steps that want it)."""
+    from xsam.data.registry import load_registry
+    from xsam.pipelines.workflow import needed_datasets
+
+    entries, _ = load_registry(registry)
+    if args.datasets:
+        wanted = {d.strip(): ["--datasets"] for d in args.datasets.split(",") if d.strip()}
+    else:
+        wanted = needed_datasets(cfgs, benchmarks)
+    unknown = {d: steps for d, steps in wanted.items() if d not in entries}
+    if unknown:
+        raise ValueError(f"registry {registry} has no entry for: " + "; ".join(
+            f"{d} (used by {', '.join(steps)})" for d, steps in unknown.items()))
+    return sorted(wanted)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from xsam.train.config import SettingsError, load_benchmarks, load_sweep, profile_path, settings_help
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=settings_help() + "\n\nworkflow keys of a profile: benchmarks "
+                                "(list[dataset/split], the splits it scores), sweep (an S3 grid)")
     p.add_argument("--profile", default="local")
     p.add_argument("--workdir", default=".cache/xsam", help="workflow state: generated fixtures and step records")
     p.add_argument("--registry", help="registry folder (default: the generated fixture registry)")
     p.add_argument("--data-root", help="data root of --registry")
     p.add_argument("--shards", help="shard output (default: the profile's shards)")
-    p.add_argument("--benchmarks", help="comma-separated eval splits (default: every converted eval split)")
+    p.add_argument("--benchmarks", help="comma-separated eval splits (default: the profile's `benchmarks`, else "
+                                         "every converted eval split)")
+    p.add_argument("--datasets", help="comma-separated registry entries to convert (default: those the stages "
+                                       "and benchmarks use)")
     p.add_argument("--eval-max-samples", type=int, help="cap samples per benchmark")
     p.add_argument("--model-name", default="xsam")
     p.add_argument("--dry-run", action="store_true", help="print the plan and predicted wall times, run nothing")
-    p.add_argument("overrides", nargs="*", help="key=value training settings for every stage")
+    p.add_argument("overrides", nargs="*", help="key=value settings for every stage, stages.<stage>.key=value "
+                                                  "for one (listed below)")
+    from xsam import logs
+
+    logs.add_arguments(p)
     args = p.parse_args(argv)
+    verbosity = logs.verbosity_of(args)
+    logs.setup(verbosity)
     work = Path(args.workdir).resolve()
     t_start = time.perf_counter()
 
-    cfgs = stage_configs(args.profile, args.shards, args.overrides)
-    from xsam.train.config import load_sweep, profile_path
-
-    sweep = load_sweep(profile_path(args.profile))
+    try:  # every setting checked before anything starts
+        cfgs = stage_configs(args.profile, args.shards, args.overrides)
+        sweep = load_sweep(profile_path(args.profile), ([f"shards={args.shards}"] if args.shards else [])
+                           + args.overrides)
+        benchmarks = args.benchmarks.split(",") if args.benchmarks else load_benchmarks(profile_path(args.profile))
+    except SettingsError as e:
+        print(f"[full_run] {e}", file=sys.stderr)
+        return 2
     registry = args.registry or cfgs["s1"].data_registry
     if registry is None:  # the embedded default: fixture datasets in every source format
         from xsam.data.fixtures import generate
@@ -196,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         fixtures = work / "fixtures"
         if not (fixtures / "registry").is_dir() and not args.dry_run:
             made = generate(fixtures)
-            print(f"[full_run] generated {len(made)} fixture datasets under {fixtures}")
+            log.info(f"[full_run] generated {len(made)} fixture datasets under {fixtures}")
         registry, data_root = str(fixtures / "registry"), str(fixtures / "data")
     else:
         data_root = args.data_root or cfgs["s1"].data_root or os.environ.get("XSAM_DATA_ROOT", "data")
@@ -210,18 +261,28 @@ def main(argv: list[str] | None = None) -> int:
 
         print_plan(args.profile, cfgs, shards)
         return 0
+    from xsam.pipelines import workflow as wplan  # (`workflow` below is the workflow's MLflow run)
+
+    try:
+        datasets = plan_datasets(args, cfgs, registry, benchmarks)
+    except ValueError as e:
+        print(f"[full_run] {e}", file=sys.stderr)
+        return 2
 
     import ray
     from mlflow import MlflowClient
 
     from xsam.pipelines.train import code_version
+    from xsam.tracking import PARENT_TAG, experiment_id
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, **logs.ray_init_kwargs(
+            verbosity, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1"},
+            local_cluster=address is None))
     s1 = cfgs["s1"]
     client = MlflowClient(s1.mlflow_uri)
-    exp = client.get_experiment_by_name(s1.mlflow_experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(s1.mlflow_experiment)
+    exp_id = experiment_id(client, s1.mlflow_experiment, s1.mlflow_uri)
     version = code_version().split(" ")[0]  # the source hash decides; the git commit is for people
     workflow = client.create_run(exp_id, run_name=f"full_run {args.profile}", tags={
         "xsam.kind": "workflow", "xsam.profile": args.profile, "xsam.code_version": version})
@@ -239,28 +300,37 @@ def main(argv: list[str] | None = None) -> int:
             outputs = ray.get(ref)
             book.record(name, key, outputs)
             status = "ran"
-        child = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": wid, "xsam.step": name,
-                                                               "xsam.step_key": key, "xsam.step_status": status})
+        child = client.create_run(exp_id, run_name=f"step {name}", tags={
+            PARENT_TAG: wid, "xsam.kind": "step", "xsam.step": name, "xsam.step_key": key, "xsam.step_status": status})
         client.log_dict(child.info.run_id, outputs, "outputs.json")
         client.set_terminated(child.info.run_id)
         summary[name] = {"status": status, "seconds": round(time.perf_counter() - t0, 1), **outputs}
-        print(f"[full_run] {name}: {status} in {time.perf_counter() - t0:.0f}s")
+        log.info(f"[full_run] {name}: {status} in {time.perf_counter() - t0:.0f}s")
         return outputs
 
-    conv_key = _key("convert", Path(registry).resolve().as_posix(), data_root, shards, version,
-                    sorted((f.name, f.read_text()) for f in Path(registry).glob("*.yaml")))
-    converted = run_step("convert", conv_key, convert_step, registry, data_root, shards, [])
+    def stop(blocked: tuple[str, dict]) -> int:
+        print(f"[full_run] {wplan.blocked_message(*blocked)}", file=sys.stderr)
+        client.set_tag(wid, "xsam.blocked", f"{blocked[0]}: {', '.join(blocked[1])}")
+        client.set_terminated(wid, "FAILED")
+        return 1
+
+    conv_key = wplan.convert_key(registry, data_root, shards, datasets, version)
+    converted = run_step("convert", conv_key, convert_step, registry, data_root, shards, datasets)
+    for item, why in converted.get("failed", {}).items():
+        print(f"[full_run] convert: {item} FAILED: {why}", file=sys.stderr)
+    blocked = wplan.first_blocked([(s, cfgs[s].datasets) for s in STAGES] + [("evaluate", benchmarks or [])],
+                                  converted.get("failed", {}))
     upstream_keys: list[str] = [conv_key, converted["fingerprint"]]
     exports: dict[str, str] = {}
     for stage in STAGES:
         cfg = cfgs[stage]
-        # what the workflow sets itself (names, the upstream exports, MLflow ids) is not part of the key:
-        # the upstream step keys already stand for the exports
-        settings = {k: v for k, v in cfg.to_dict().items()
-                    if k not in ("mlflow_run_id", "mlflow_parent_run_id", "run_name", "export", "init_from")}
-        key = _key(stage, settings, upstream_keys, version)
+        if blocked and blocked[0] == stage:
+            return stop(blocked)
+        # the key: what decides the stage's weights (wplan.stage_key), init_from as the profile names it
+        # (a stage name: the upstream keys stand for its export), the upstream steps' keys
+        key = wplan.stage_key(cfg, upstream_keys, version)
         cfg.run_name = f"xsam-{stage}-{key[:8]}"  # a restarted step resumes its own Ray Train run
-        cfg.init_from = [exports[s] for s in STAGES[:STAGES.index(stage)] if s in ("s1", "s2")]
+        cfg.init_from = wplan.resolve_stage_exports(cfg.init_from, exports)
         cfg.mlflow_parent_run_id = wid
         if stage == "s3" and sweep:  # one Ray Tune trial (a Ray Train run) per grid point: all candidates
             key = _key(key, sweep)
@@ -279,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                  "--experiment", s1.mlflow_experiment, "--model-name", args.model_name, "--parent-run", wid,
                  "--workers", str(s1.num_workers if s1.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 2))))]
     eval_argv += ["--gpus-per-worker", "1"] if s1.use_gpu else []
-    eval_argv += ["--benchmarks", args.benchmarks] if args.benchmarks else []
+    eval_argv += ["--benchmarks", ",".join(benchmarks)] if benchmarks else []
     eval_argv += ["--max-samples", str(args.eval_max_samples)] if args.eval_max_samples else []
-    eval_key = _key("evaluate", candidate_exports, shards, args.benchmarks, args.eval_max_samples, args.model_name,
+    if blocked:
+        return stop(blocked)
+    eval_key = _key("evaluate", candidate_exports, shards, benchmarks, args.eval_max_samples, args.model_name,
                     s1.mlflow_uri, s1.mlflow_experiment, upstream_keys, version)
     selected = run_step("evaluate", eval_key, evaluate_step, eval_argv, exports)
     table = comparison(client, args.model_name, found["candidates"], wid)
@@ -289,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     client.log_dict(wid, summary, "summary.json")
     client.set_terminated(wid)
 
+    logs.drain_ray()  # the workers' last lines before the summary, never after it
     wall = time.perf_counter() - t_start
     print("\n[full_run] done in {:.0f}s".format(wall))
     print(f"  data:        {shards} ({sum(converted['samples'].values())} samples in {len(converted['samples'])} splits)")

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from xsam.data import storage
-from xsam.data.shards import read_manifest
+from xsam.data.shards import split_manifest
 from xsam.model.builder import resolve_config
 from xsam.train.memory import OVERHEAD, GiB, StateBytes, state_bytes
 from xsam.train.mixture import SourceMix, mixture
@@ -92,7 +91,7 @@ def sources(shards: str, datasets: list[str]) -> dict[str, Source]:
     for name in datasets:
         d, s = name.split("/", 1)
         try:
-            m = read_manifest(storage.join(shards, d, s, "manifest.json"))
+            m = split_manifest(shards, d, s)
         except Exception:  # noqa: BLE001 - an unreachable store is "not converted yet" for a plan
             m = None
         if m is None:

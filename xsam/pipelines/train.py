@@ -1,7 +1,11 @@
 """Train one X-SAM stage with Ray Train + DeepSpeed ZeRO.
 
-    python pipelines/train.py --stage s1 --profile local [key=value ...]
+    python pipelines/train.py --stage s1 --profile local [key=value ...] [stages.s1.key=value ...]
+    python pipelines/train.py --stage s3 --profile local      # after full_run.py: from its S1 + S2 exports
     ray job submit -- python pipelines/train.py --stage s3 --profile paper init_from=[s3://b/s1/export,s3://b/s2/export]
+
+`init_from` names earlier stages' exports: a location, or a stage name (`[s1, s2]`) meaning the export
+the workflow (pipelines/full_run.py) recorded for that stage in --workdir (<workdir>/steps/<stage>.json).
 
 The resolved config is printed and logged. Every worker runs xsam.train.recipe.StageRecipe; Ray
 Train restarts the worker group from the last checkpoint when a worker dies (FailureConfig), and
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,8 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from xsam.train.config import TrainConfig, load_profile, profile_path
+from xsam import logs
+from xsam.train.config import STAGES, SettingsError, TrainConfig, load_profile, profile_path, settings_help
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages when installed)
 
 
@@ -46,9 +53,11 @@ class RaySession:
         if self.mlflow is not None:
             from mlflow.entities import Metric
 
+            from xsam.tracking import normalise_metrics
+
             step, now = int(metrics.get("step", 0)), int(__import__("time").time() * 1000)
-            self.mlflow.log_batch(self.run_id, metrics=[Metric(k.replace("/", "."), float(v), now, step)
-                                                        for k, v in metrics.items()])
+            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
+                                                        for k, v in normalise_metrics(metrics).items()])
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -131,19 +140,20 @@ def start_mlflow_run(cfg: TrainConfig, fingerprint: str) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
+    from xsam.tracking import PARENT_TAG, experiment_id
     from xsam.train.shard_index import ShardIndex
 
     client = MlflowClient(cfg.mlflow_uri)
-    exp = client.get_experiment_by_name(cfg.mlflow_experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow_experiment)
+    exp_id = experiment_id(client, cfg.mlflow_experiment, cfg.mlflow_uri)
     existing = client.search_runs([exp_id], f"tags.`xsam.run_name` = '{cfg.name}' and attributes.status != 'FINISHED'",
                                   max_results=1)
     if existing:  # a resumed run keeps logging to its MLflow run
         return existing[0].info.run_id
-    tags = {"xsam.run_name": cfg.name, "xsam.stage": cfg.stage, "xsam.code_version": code_version(),
+    tags = {"xsam.kind": "training", "xsam.run_name": cfg.name, "xsam.stage": cfg.stage,
+            "xsam.code_version": code_version(),
             "xsam.data_fingerprint": fingerprint, "xsam.seed": str(cfg.seed)}
     if cfg.mlflow_parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.mlflow_parent_run_id
+        tags[PARENT_TAG] = cfg.mlflow_parent_run_id  # flat runs; the workflow run named in a tag
     run = client.create_run(exp_id, run_name=cfg.name, tags=tags)
     for key, value in cfg.to_dict().items():
         client.log_param(run.info.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
@@ -195,14 +205,16 @@ def run(cfg: TrainConfig):
     if cfg.preset == "tiny" and tok and not Path(tok).exists():
         from xsam.model.tokenizer import build_tiny_tokenizer
 
-        print(f"[train] no tokenizer at {tok}: writing the tiny test tokenizer there (tiny preset only)")
+        log.info(f"[train] no tokenizer at {tok}: writing the tiny test tokenizer there (tiny preset only)")
         build_tiny_tokenizer(tok)
     fingerprint = data_fingerprint(cfg)
     claim_run(cfg, fingerprint)
     if cfg.mlflow_uri and not cfg.mlflow_run_id:
         cfg.mlflow_run_id = start_mlflow_run(cfg, fingerprint)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False,
+                 **logs.ray_init_kwargs(logs.current(), local_cluster=address is None))
     fs, path = storage.resolve(cfg.output)
     env = {"HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))}
@@ -221,7 +233,8 @@ def run(cfg: TrainConfig):
                              storage_filesystem=fs if storage.is_uri(cfg.output) else None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             worker_runtime_env={"env_vars": env}))
+                             worker_runtime_env={"env_vars": env},
+                             logging_config=logs.train_logging_config(logs.current())))
     result = trainer.fit()
     if cfg.mlflow_uri:
         from mlflow import MlflowClient
@@ -232,15 +245,50 @@ def run(cfg: TrainConfig):
     return result
 
 
+class InitFromError(ValueError):
+    """init_from names a stage with no recorded export in the workdir."""
+
+
+def resolve_init_from(init_from: list[str], workdir: str | Path) -> list[str]:
+    """init_from with each stage name replaced by the export the workflow recorded for that stage in
+    `workdir` (<workdir>/steps/<stage>.json, outputs.export); locations pass unchanged."""
+    out = []
+    for item in init_from:
+        if item not in STAGES:
+            out.append(item)
+            continue
+        record = Path(workdir) / "steps" / f"{item}.json"
+        export = json.loads(record.read_text()).get("outputs", {}).get("export") if record.exists() else None
+        if not export:
+            raise InitFromError(
+                f"init_from: stage {item!r} has no recorded export in the workdir {Path(workdir).resolve()} "
+                f"(no {record.name} under its steps/): run the workflow there first (pipelines/full_run.py "
+                f"--workdir {workdir}), pass --workdir of the run that trained {item}, or give init_from locations")
+        out.append(export)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=["s1", "s2", "s3"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=settings_help())
+    p.add_argument("--stage", required=True, choices=list(STAGES))
     p.add_argument("--profile", default="local", help="profile name (xsam/profiles/) or YAML path")
-    p.add_argument("overrides", nargs="*", help="key=value settings over the profile")
+    p.add_argument("--workdir", default=".cache/xsam",
+                   help="the workflow's workdir: where a stage name in init_from finds that stage's export")
+    p.add_argument("overrides", nargs="*", help="key=value settings over the profile (listed below)")
+    logs.add_arguments(p)
     args = p.parse_args(argv)
-    cfg = load_profile(profile_path(args.profile), args.stage, args.overrides).with_absolute_paths(os.getcwd())
-    print("[train] resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    logs.setup(logs.verbosity_of(args))
+    try:  # every setting checked before anything starts
+        cfg = load_profile(profile_path(args.profile), args.stage, args.overrides).with_absolute_paths(os.getcwd())
+        cfg.init_from = resolve_init_from(cfg.init_from, args.workdir)
+    except (SettingsError, InitFromError) as e:
+        print(f"[train] {e}", file=sys.stderr)
+        return 2
+    log.info(f"[train] {cfg.stage}: {cfg.num_workers} worker(s), {len(cfg.datasets)} dataset(s), run {cfg.name}, "
+             f"output {cfg.output}")
+    log.debug("[train] resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
         result = run(cfg)
     except RunConflict as e:

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from xsam import logs
 
 
 def trial(config: dict) -> None:
@@ -71,7 +72,8 @@ def run_sweep(base: dict, grid: dict[str, list], storage: str, max_concurrent_tr
     tuner = tune.Tuner(
         tune.with_resources(trial, {"cpu": 0.01}), param_space=space,
         tune_config=tune.TuneConfig(metric="loss", mode="min", max_concurrent_trials=max_concurrent_trials),
-        run_config=tune.RunConfig(name=f"{base['run_name']}-sweep", storage_path=storage))
+        run_config=tune.RunConfig(name=f"{base['run_name']}-sweep", storage_path=storage,
+                                  verbose=1 if logs.current() == logs.VERBOSE else 0))
     results = tuner.fit()
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} sweep trial(s) failed; first: {results.errors[0]}")
@@ -87,7 +89,10 @@ def _num_samples(shards: str, bench) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from xsam.train.config import SettingsError, load_profile, profile_path, settings_help
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=settings_help())
     p.add_argument("--profile", default="local")
     p.add_argument("--lr", default="2e-5,1e-4", help="comma-separated learning rates (grid)")
     p.add_argument("--balance-t", default="0.05,0.2", help="comma-separated balancing temperatures (grid)")
@@ -98,8 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.cache/xsam/mlflow.db"))
     p.add_argument("--experiment", default="xsam-tune")
     p.add_argument("--storage", default=".cache/xsam/tune")
-    p.add_argument("overrides", nargs="*", help="key=value settings over the profile's s3 stage")
+    p.add_argument("overrides", nargs="*", help="key=value settings over the profile's s3 stage (listed below)")
+    logs.add_arguments(p)
     args = p.parse_args(argv)
+    verbosity = logs.verbosity_of(args)
+    logs.setup(verbosity)
+    problems = []  # every grid point's S3 settings checked before anything starts
+    for lr in args.lr.split(","):
+        for t in args.balance_t.split(","):
+            try:
+                load_profile(profile_path(args.profile), "s3", [*args.overrides, f"lr={lr}", f"balance_t={t}"])
+            except SettingsError as e:
+                problems += e.problems
+    if problems:
+        print(f"[tune] {SettingsError(problems)}", file=sys.stderr)
+        return 2
 
     import ray
     from ray import tune
@@ -108,11 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    from mlflow import MlflowClient
+
+    from xsam.tracking import experiment_id
+
+    # made here (kind tag, artifacts beside a local store): MLflowLoggerCallback then finds it by name
+    experiment_id(MlflowClient(uri), args.experiment, uri)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         # locally, one CPU of headroom for the (mostly idle) trial that orchestrates its trainer
         ray.init(address=address, include_dashboard=False,
-                 num_cpus=None if address else (os.cpu_count() or 1) + 1)
+                 num_cpus=None if address else (os.cpu_count() or 1) + 1,
+                 **logs.ray_init_kwargs(verbosity, local_cluster=address is None))
     space = {"lr": tune.grid_search([float(x) for x in args.lr.split(",")]),
              "balance_t": tune.grid_search([float(x) for x in args.balance_t.split(",")]),
              "profile": args.profile, "benchmarks": args.benchmarks.split(","), "max_steps": args.max_steps,
@@ -125,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                     max_concurrent_trials=1),
         run_config=tune.RunConfig(name=args.experiment, storage_path=str(Path(args.storage).resolve()),
                                   callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=args.experiment,
-                                                                  save_artifact=False)]))
+                                                                  save_artifact=False)],
+                                  verbose=1 if verbosity == logs.VERBOSE else 0))
     results = tuner.fit()
     best = results.get_best_result()
     print(f"[tune] {len(results)} trials; best score {best.metrics['score']:.3f} with lr={best.config['lr']}, "

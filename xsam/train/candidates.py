@@ -15,7 +15,10 @@ checkpoint is reused (the manifest names it), so a rerun exports nothing again.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ import torch
 from xsam.data import storage
 
 _CANDIDATES = "candidates"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,11 @@ def export_checkpoint(checkpoint: str, step: int, reference_export: str, out: st
     train_config = ref.get("train_config") or {}
     dtype = torch.bfloat16 if train_config.get("bf16") else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        state = get_fp32_state_dict_from_zero_checkpoint(_local(checkpoint, tmp), tag="ds")
+        said = io.StringIO()  # zero_to_fp32 print()s 'Processing zero checkpoint ...' etc.: DEBUG lines here
+        with contextlib.redirect_stdout(said):
+            state = get_fp32_state_dict_from_zero_checkpoint(_local(checkpoint, tmp), tag="ds")
+        for text in said.getvalue().splitlines():
+            log.debug("zero_to_fp32: %s", text)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     export_state(state, STAGES[ref["stage"]], XSAMConfig.from_dict(ref["config"]), out,
                  extra={"train_config": train_config, "data_fingerprint": ref.get("data_fingerprint"),

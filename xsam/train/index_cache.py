@@ -1,4 +1,4 @@
-"""The stored index of one converted split: `<split dir>/index-<sha256 of manifest.json>.bin`.
+"""The stored index of one converted split: `<out>/_meta/<dataset>/<split>/index-<sha256 of manifest.json>.bin`.
 
 `ShardIndex.build` walks a split's shards once and stores its SampleRefs here; every later (re)start,
 on every rank, reads this one file instead of every shard. The name carries the digest of the
@@ -32,7 +32,7 @@ import zlib
 import numpy as np
 
 from xsam.data import storage
-from xsam.data.shards import Manifest
+from xsam.data.shards import Manifest, meta_dir_of
 from xsam.train.shard_index import SampleRef
 
 VERSION = 1
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def location(split_dir: str, manifest_sha256: str) -> str:
-    return storage.join(split_dir, f"index-{manifest_sha256}.bin")
+    return storage.join(meta_dir_of(split_dir), f"index-{manifest_sha256}.bin")  # beside the manifest
 
 
 def encode(split_dir: str, dataset: str, split: str, manifest: Manifest, manifest_sha256: str,

@@ -13,7 +13,10 @@ checkpoints and where the last checkpoint is - so this module has no Ray in it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
 import tempfile
 import time
@@ -34,8 +37,11 @@ from xsam.train import rng
 from xsam.train.config import TrainConfig
 from xsam.train.formatting import Formatter, collate_s1
 from xsam.train.loader import Loader
+from xsam.train.progress import StageProgress
 from xsam.train.sampling import Schedule
 from xsam.train.shard_index import ShardIndex
+
+log = logging.getLogger(__name__)
 
 
 class Session(Protocol):
@@ -183,9 +189,13 @@ class StageRecipe:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg, self.total_steps, self.steps_per_epoch / cfg.grad_accum))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
-            dist_init_required=False)
+        said = io.StringIO()  # DeepSpeed print()s 'deepspeed_shm_comm_op built successfully' (CPU): DEBUG
+        with contextlib.redirect_stdout(said):
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+                dist_init_required=False)
+        for text in said.getvalue().splitlines():
+            log.debug("deepspeed: %s", text)
         start = (0, 0)
         with self.session.latest_checkpoint() as ckpt:
             if ckpt is not None:
@@ -197,6 +207,8 @@ class StageRecipe:
         threads = max(1, int(cfg.cpus_per_worker))  # one batch per thread: overlaps object-store reads + decode
         self.loader = Loader(self.index, self.schedule, self.session.rank, self.format_sample, self.collate,
                              cfg.seed, start=start, prefetch=2 * threads, threads=threads)
+        # one progress line per stage, written by rank 0 (xsam.train.progress: bounded rate, same on CPU/GPU)
+        self.progress = StageProgress(cfg.stage, self.total_steps, self.step) if self.session.rank == 0 else None
 
     def format_sample(self, sample, image_bytes, rng):
         return self.formatter(sample, image_bytes, rng)
@@ -231,6 +243,7 @@ class StageRecipe:
         cfg = self.cfg
         sums: dict[str, torch.Tensor | float] = defaultdict(float)  # device tensors until a log line
         count, tokens, samples, t0 = 0, 0, 0, time.perf_counter()
+        run_samples, run_t0, last_loss = 0, time.perf_counter(), None  # for the progress line
         trace = self._trace_file()
         for (epoch, pos_step), dataset, batch in self.loader:
             if self.step >= self.total_steps:
@@ -247,6 +260,7 @@ class StageRecipe:
                 sums[k] += v
             count += 1
             samples += n
+            run_samples += n * self.session.world_size
             tokens += sum(len(t) for t in getattr(batch, "input_ids", []))
             self.seen[dataset] += n * self.session.world_size
             self.micro += 1
@@ -254,6 +268,10 @@ class StageRecipe:
                 continue
             self.step += 1
             done = self.step >= self.total_steps
+            if self.progress is not None:
+                self.progress.update(
+                    self.step, lambda: float(sums["total"]) / count if count and "total" in sums else last_loss,
+                    run_samples / max(time.perf_counter() - run_t0, 1e-9))
             if self.step % cfg.log_every == 0 or done or self.step % cfg.checkpoint_every == 0:
                 dt = max(time.perf_counter() - t0, 1e-9)
                 metrics = {f"loss/{k}": float(v) / count for k, v in sums.items()}  # the one host sync
@@ -263,6 +281,7 @@ class StageRecipe:
                 metrics.update({f"seen/{d}": float(c) for d, c in self.seen.items()})
                 ckpt = self.step % cfg.checkpoint_every == 0 or done
                 self._report(metrics, ckpt)
+                last_loss = metrics.get("loss/total", last_loss)
                 sums.clear()
                 count, tokens, samples, t0 = 0, 0, 0, time.perf_counter()
             if done:

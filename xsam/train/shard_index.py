@@ -16,7 +16,7 @@ How the headers are walked (`headers=`):
   full bandwidth instead of two small ranged GETs per sample (a 10k-sample shard would be 20k
   round trips of ~20 ms each); it costs the shard's size in transfer, once.
 Shards are walked in parallel (`threads`), and only once per split: the index of a split is stored
-beside its manifest as `<split>/index-<sha256 of manifest.json>.bin` (`xsam/train/index_cache.py`)
+beside its manifest as `index-<sha256 of manifest.json>.bin` (`xsam/train/index_cache.py`)
 and a (re)start reads that one small file instead of the shards. A changed manifest has another
 digest, so another file; a truncated or corrupt file fails its checks and the split is walked again.
 
@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 from xsam.data import expansion, storage
 from xsam.data.schema import Sample
-from xsam.data.shards import Manifest, split_dir
+from xsam.data.label_spaces import LabelSpaces
+from xsam.data.shards import Manifest, manifest_location, old_layout_error, sample_members, split_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +80,7 @@ def _walk_shard(location: str, dataset: str, split: str, headers: str) -> list[S
     refs = []
     for key in order:
         parts = members[key]
-        if "json" not in parts or len(parts) != 2:
-            raise ValueError(f"{location}: sample {key} has members {sorted(parts)}, want one image + json")
+        sample_members(location, key, list(parts))
         (json_off, json_size) = parts.pop("json")
         ((ext, (img_off, img_size)),) = parts.items()
         refs.append(SampleRef(dataset, split, location, img_off, img_size, json_off, json_size, ext, key))
@@ -186,12 +186,12 @@ class ShardIndex:
         return self.manifests[(dataset, split)]
 
     def label_spaces(self) -> dict[str, list[dict]]:
-        """label space name -> its categories, from the manifests (the first manifest naming it wins)."""
-        out: dict[str, list[dict]] = {}
-        for m in self.manifests.values():
-            if m.label_space and m.categories is not None and m.label_space not in out:
-                out[m.label_space] = m.categories
-        return out
+        """label space name -> its categories, from the manifests; LabelSpaceClash (a ValueError naming both
+        datasets and the first differing category) when two manifests bind one name to different ones."""
+        spaces = LabelSpaces()
+        for (dataset, split), m in self.manifests.items():
+            spaces.bind(m.label_space, m.categories, f"{dataset}/{split}")
+        return spaces.categories()
 
     def fingerprint(self) -> str:
         return _fingerprint(self.manifests)
@@ -255,8 +255,10 @@ def _read_manifests(root: str,
     """(dataset, split) -> (its manifest, sha256 hex of the manifest.json bytes), in the order given."""
     out: dict[tuple[str, str], tuple[Manifest, str]] = {}
     for dataset, split in datasets:
-        location = storage.join(split_dir(root, dataset, split), "manifest.json")
+        location = manifest_location(root, dataset, split)
         if not storage.exists(location):
+            if (old := old_layout_error(root, dataset, split)) is not None:
+                raise old
             raise FileNotFoundError(f"{location} does not exist: convert {dataset}/{split} first")
         if (dataset, split) in out:
             raise ValueError(f"{dataset}/{split} listed twice")

@@ -27,7 +27,7 @@ import numpy as np
 
 from xsam.data import storage
 from xsam.data.schema import Sample
-from xsam.data.shards import read_manifest, split_dir
+from xsam.data.shards import manifest_location, split_dir, split_manifest
 from xsam.model.batching import text_budget
 from xsam.model.config import XSAMConfig
 from xsam.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, P_TOKEN, encode_chat, token_id
@@ -96,9 +96,9 @@ def sample_split(root: str, dataset: str, split: str, n: int, seed: int) -> list
     sample, image bytes)]. Shard members are sorted by key and keys hash (dataset, split, source id), so
     the first n of a shard are a random draw from it; the tar is read sequentially and left after them."""
     directory = split_dir(root, dataset, split)
-    manifest = read_manifest(storage.join(directory, "manifest.json"))
+    manifest = split_manifest(root, dataset, split)
     if manifest is None:
-        raise FileNotFoundError(f"{directory}/manifest.json does not exist: {dataset}/{split} is not converted")
+        raise FileNotFoundError(f"{manifest_location(root, dataset, split)} does not exist: {dataset}/{split} is not converted")
     shards = [s for s in manifest.shards if s.num_samples]
     if not shards or n <= 0:
         return []
@@ -126,7 +126,7 @@ def measure_text(root: str, dataset: str, split: str, stage: str, tokenizer, cfg
                  seed: int = 0) -> TextStats:
     """Format and tokenise a seeded sample of a converted split (see the module docstring)."""
     directory = split_dir(root, dataset, split)
-    manifest = read_manifest(storage.join(directory, "manifest.json"))
+    manifest = split_manifest(root, dataset, split)
     label_spaces = {manifest.label_space: manifest.categories} if manifest and manifest.label_space else {}
     formatter = Formatter(stage, label_spaces, sam_size=cfg.sam.image_size)
     budget, p_id = text_budget(cfg), token_id(tokenizer, P_TOKEN)

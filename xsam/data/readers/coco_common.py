@@ -42,6 +42,7 @@ class CocoAnnotation(BaseModel):
     category_id: int
     segmentation: list[Any] | dict[str, Any]
     iscrowd: int = Field(default=0, ge=0, le=1)
+    area: float | None = Field(default=None, ge=0)  # the source's area (COCO AP's size ranges use it)
 
 
 def require_lists(data: Any, keys: tuple[str, ...], file: str) -> dict:

@@ -11,7 +11,8 @@ image records carry only `coco_url`: the file name is then `<folder>/<name>` tak
 
 Mapping to the unified `Sample`: one sample per image, with every annotation of the image as a
 `Segment` (id = annotation id, category_id, iscrowd, mask = the segmentation as compressed RLE at
-the image size, area / bbox = pixel count and box of that mask); images with no annotation are
+the image size, area / bbox = pixel count and box of that mask, source_area = the annotation's own
+`area` when it has one, for COCO AP's small / medium / large split); images with no annotation are
 samples with no segments; `categories` [{id, name}] is the split's label space.
 
 Planning quarantines, per image: a malformed image entry, a malformed annotation (field named),
@@ -51,7 +52,7 @@ def _id_of(record: Any, key: str) -> str | None:
 
 class CocoInstancesReader(Reader):
     format = "coco_instances"
-    version = 1
+    version = 2
     Split = CocoInstancesSplit
 
     # -- planning --------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ class CocoInstancesReader(Reader):
                 errors[image_id] = e
                 continue
             group.append({"index": i, "id": ann.id, "category_id": ann.category_id, "iscrowd": ann.iscrowd,
-                          "segmentation": ann.segmentation})
+                          "segmentation": ann.segmentation, "area": ann.area})
         return groups, errors, orphans
 
     # -- conversion ------------------------------------------------------------------------------
@@ -152,5 +153,5 @@ class CocoInstancesReader(Reader):
                                         field=f"annotations.{a['index']}.segmentation")
             area, bbox = masks.area_bbox(rle)
             out.append(Segment(id=a["id"], category_id=a["category_id"], iscrowd=a["iscrowd"], bbox=tuple(bbox),
-                               area=area, mask=rle))
+                               area=area, mask=rle, source_area=a.get("area")))
         return out

@@ -3,10 +3,15 @@
 - `gcg_grandf` (GranD-f GranDf_HA, PSG-GCG): a JSON list of
   `{image_id, file_name, caption, groundings: {phrase: {token_positives: [s, e], rle_masks: [RLE]}}}`.
   Every RLE mask becomes a Segment (ids 1..n in caption order), every grounding a Phrase over all
-  its masks (GLaMM unions them). The span must hold the phrase (case-insensitive, stripped).
+  its masks (GLaMM unions them). As GLaMM (GranDf_gcg_ds.py `_parse_annotations`) does, the caption
+  loses its surrounding double quotes and whitespace (`.strip('"').strip()`) BEFORE the token offsets
+  apply, and is stored so. The span must hold the phrase (case-insensitive, stripped).
 - `gcg_refcocog` (RefCOCOg-GCG): a JSON list of single-key objects
-  `{key: {caption, img_file_name, refs: [{sentence, segmentation}]}}`; each ref sentence is found in
-  the caption (case-insensitive, after the previous phrase) and becomes a Phrase with one Segment.
+  `{key: {caption, img_file_name, refs: [{sentence, segmentation}]}}`; the caption is stripped as
+  for GranD-f; each ref sentence is found in the caption (case-insensitive, after the previous phrase)
+  and becomes a Phrase with one Segment. A ref whose sentence is not in the caption is skipped, as
+  GLaMM (RefCOCOgGCGDataset: `if phrase.lower() in caption`) and X-SAM do, and counted in the
+  manifest's `excluded`; a record left without any ref is quarantined (X-SAM drops it).
 - `gcg_flickr` (Flickr30k-GCG): COCO style, `images[{id, file_name, height, width, caption}]`,
   `annotations[{id, image_id, bbox, tokens_positive: [[s, e], ...], sam_mask}]`; one Segment per
   annotation (id = annotation id), one Phrase per distinct span (annotations sharing a span share it).
@@ -15,7 +20,7 @@
   `{split}_gcg_coco_caption_gt.json` (COCO captions). Segments from the masks, the caption from the
   caption file, no phrases: the evaluation pairs predicted and ground-truth masks by IoU.
 
-Captions are stored as the source gives them (GLaMM / X-SAM lowercase and strip quotes when
+Captions are otherwise stored as the source gives them (GLaMM / X-SAM lowercase them when
 formatting; that is the loader's business). Masks are checked and rasterised in `convert()`.
 """
 
@@ -103,7 +108,7 @@ def _list_of(data: Any, key: str | None, file: str) -> list:
 
 class GcgGrandfReader(GcgReaderBase):
     format = "gcg_grandf"
-    version = 1
+    version = 2
     Split = GcgSplit
 
     def plan(self) -> Plan:
@@ -117,7 +122,7 @@ class GcgGrandfReader(GcgReaderBase):
                 rec = self.validate(_GrandfRecord, raw, str(i), file)
                 clean_text(str(rec.image_id), f"{i}.image_id", file)
                 clean_text(rec.file_name, f"{i}.file_name", file)
-                caption = self.caption_text(rec.caption, f"{i}.caption", file)
+                caption = self.caption_text(_unquoted(rec.caption), f"{i}.caption", file)
                 phrases, segments = self._groundings(caption, rec.groundings, str(i), file)
                 image_loc = self.image_file(self.spec.images, rec.file_name, f"{i}.file_name", file)
                 self.add(plan, source_id, image_loc, {
@@ -149,7 +154,7 @@ class GcgGrandfReader(GcgReaderBase):
 
 class GcgRefcocogReader(GcgReaderBase):
     format = "gcg_refcocog"
-    version = 1
+    version = 2
     Split = GcgSplit
 
     def plan(self) -> Plan:
@@ -168,8 +173,11 @@ class GcgRefcocogReader(GcgReaderBase):
                 prefix = f"{i}.{key}"
                 rec = self.validate(_RefcocogRecord, value, prefix, file)
                 clean_text(rec.img_file_name, f"{prefix}.img_file_name", file)
-                caption = self.caption_text(rec.caption, f"{prefix}.caption", file)
-                phrases, segments = self._locate(caption, rec.refs, prefix, file)
+                caption = self.caption_text(_unquoted(rec.caption), f"{prefix}.caption", file)
+                phrases, segments, skipped = self._locate(caption, rec.refs, prefix, file)
+                if skipped:
+                    reason = "RefCOCOg-GCG ref whose sentence is not in the caption (skipped, as GLaMM does)"
+                    plan.excluded[reason] = plan.excluded.get(reason, 0) + skipped
                 image_loc = self.image_file(self.spec.images, rec.img_file_name, f"{prefix}.img_file_name", file)
                 self.add(plan, source_id, image_loc, {
                     "image_id": key, "file_name": rec.img_file_name, "width": None, "height": None,
@@ -179,10 +187,12 @@ class GcgRefcocogReader(GcgReaderBase):
         return plan
 
     @staticmethod
-    def _locate(caption: str, refs: list[_Ref], prefix: str, file: str) -> tuple[list, list]:
-        """Find each ref sentence in the caption; phrases and segments (1..n) in caption order."""
+    def _locate(caption: str, refs: list[_Ref], prefix: str, file: str) -> tuple[list, list, int]:
+        """Find each ref sentence in the caption -> phrases and segments (1..n) in caption order, and the
+        number of refs skipped because their sentence is not in the caption (none found: SampleError)."""
         found: list[tuple[tuple[int, int], int]] = []
         taken: list[tuple[int, int]] = []
+        missing: list[tuple[str, str]] = []
         pos = 0
         for j, ref in enumerate(refs):
             field = f"{prefix}.refs.{j}.sentence"
@@ -191,7 +201,8 @@ class GcgRefcocogReader(GcgReaderBase):
                 raise SampleError("empty ref sentence", field=field, file=file)
             span = find_span(caption, sentence, pos, taken)
             if span is None:
-                raise SampleError(f"ref sentence {sentence!r} is not in the caption", field=field, file=file)
+                missing.append((field, sentence))
+                continue
             taken.append(span)
             pos = span[1]
             found.append((span, j))
@@ -199,7 +210,15 @@ class GcgRefcocogReader(GcgReaderBase):
         for n, ((start, end), j) in enumerate(sorted(found), 1):
             segments.append(segment_entry(n, refs[j].segmentation, f"{prefix}.refs.{j}.segmentation"))
             phrases.append(phrase_entry(caption, start, end, [n]))
-        return phrases, segments
+        if missing and not found:
+            field, sentence = missing[0]
+            raise SampleError(f"no ref sentence is in the caption (the first: {sentence!r})", field=field, file=file)
+        return phrases, segments, len(missing)
+
+
+def _unquoted(caption: Any) -> Any:
+    """GLaMM's caption clean-up, `caption.strip('"').strip()` (non-text is left to the checks)."""
+    return caption.strip('"').strip() if isinstance(caption, str) else caption
 
 
 class GcgFlickrReader(GcgReaderBase):

@@ -7,22 +7,29 @@
 plus, optionally, `explanatory/train.json`: a list of `{image: "<file name>", query, outputs}`.
 
 Mapping: one sample per image. Shapes labelled "flag" are dropped (LISA: meaningless deprecated
-annotations), shapes whose label contains "ignore" form `ignore_mask` (their union), every other
-shape is a target `Segment` (ids 1..n in shape order, no category). One `ReasoningQuery` holds all
+annotations), shapes whose label contains "ignore" are ignore regions, every other shape is a target.
+As LISA and X-SAM do, shapes are painted in decreasing area (ties: the later shape first), so a
+smaller shape wins where shapes overlap: a target drawn inside a larger ignore region stays target.
+Each target shape is a `Segment` (ids 1..n in shape order, no category) holding its pixels that a
+target owns after painting (a target hidden entirely under a smaller ignore shape is dropped);
+`ignore_mask` is the pixels an ignore shape owns. One `ReasoningQuery` holds all
 queries (they all describe the targets), `is_sentence`, the explanation (`outputs` of the
 explanations record of the same image file name, else None) and every target id. Labels compare
 case-insensitively, as in LISA. Polygons are rasterised by pycocotools (`masks.rle_from_source`),
 so the truth is well defined; LISA itself drew them with OpenCV (fillPoly + a 1 px outline).
 
 Planning lists the folder once and reads only the explanations file; each LabelMe JSON is read
-in `convert` on a worker, so a malformed one (bad JSON, field, or non-UTF-8 text) is quarantined
-there, naming the field.
+in `convert` on a worker, so a malformed one (bad JSON or field) is quarantined there, naming the
+field. A file that is not UTF-8 is read as cp1252, as LISA does (some ReasonSeg files are); only one
+that is neither is quarantined.
 """
 
 from __future__ import annotations
 
 import math
 import posixpath
+
+import numpy as np
 
 from pydantic import BaseModel, Field
 
@@ -82,7 +89,7 @@ def _flat_polygon(shape: _Shape, field: str, file: str) -> list[float]:
 
 class LabelmeReader(Reader):
     format = "labelme"
-    version = 1
+    version = 2
     Split = LabelmeSplit
 
     def _explanations(self, plan: Plan) -> tuple[dict[str, str], dict[str, SampleError]]:
@@ -143,8 +150,16 @@ class LabelmeReader(Reader):
         return plan
 
     def _load(self, location: str) -> _LabelmeFile:
+        data = self.read_file(location, "LabelMe JSON")
         try:
-            doc = loads_json(self.read_file(location, "LabelMe JSON"), location)
+            data.decode("utf-8-sig")
+        except UnicodeDecodeError as utf8_error:
+            try:  # LISA's fallback (utils/data_processing.py): some ReasonSeg JSON files are cp1252
+                data = data.decode("cp1252").encode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SampleError(f"neither UTF-8 ({utf8_error}) nor cp1252 ({e}) text", file=location) from e
+        try:
+            doc = loads_json(data, location)
         except SourceError as e:  # here one file is one sample: quarantine it, do not fail the split
             raise SampleError(e.reason, file=location) from e
         return self.validate(_LabelmeFile, doc, "", location)
@@ -159,25 +174,29 @@ class LabelmeReader(Reader):
         queries = [clean_text(t, f, json_loc) for t, f in zip(texts, fields)]
         if not queries:
             raise SampleError("no query in `text`", field="text", file=json_loc)
-        targets, ignore = [], []
+        shapes = []  # (is_target, shape index, mask)
         for i, shape in enumerate(ann.shapes):
             label = clean_text(shape.label, f"shapes.{i}.label", json_loc).lower()
             if label == "flag":
                 continue
-            poly = _flat_polygon(shape, f"shapes.{i}", json_loc)
-            if "ignore" in label:
-                ignore.append(poly)
-            else:
-                targets.append(self._rasterise([poly], info, f"shapes.{i}.points", json_loc))
+            rle = self._rasterise([_flat_polygon(shape, f"shapes.{i}", json_loc)], info, f"shapes.{i}.points",
+                                  json_loc)
+            shapes.append(("ignore" not in label, i, masks.decode(rle).astype(bool)))
+        owner = np.zeros((info.height, info.width), np.int8)  # 0 none, 1 target, 2 ignore: the last painted wins
+        for is_target, _, mask in sorted(shapes, key=lambda s: (int(s[2].sum()), s[1]), reverse=True):
+            owner[mask] = 1 if is_target else 2
         segments = []
-        for n, rle in enumerate(targets, start=1):
-            area, bbox = masks.area_bbox(rle)
-            segments.append(Segment(id=n, category_id=None, bbox=tuple(bbox), area=area, mask=rle))
+        for is_target, _, mask in shapes:
+            visible = mask & (owner == 1) if is_target else None
+            if visible is None or not visible.any():
+                continue
+            rle, area, bbox = masks.encode_with_stats(visible)
+            segments.append(Segment(id=len(segments) + 1, category_id=None, bbox=tuple(bbox), area=area, mask=rle))
         reasoning = ReasoningQuery(queries=queries, is_sentence=ann.is_sentence, explanation=item.payload["explanation"],
                                    segment_ids=[s.id for s in segments])
         image = self.image_info(item.payload["file_name"].rsplit(".", 1)[0], item.payload["file_name"], info)
         return image_bytes, self.sample(item, image, segments=segments, reasoning=[reasoning],
-                                        ignore_mask=self._rasterise(ignore, info, "shapes", json_loc) if ignore else None)
+                                        ignore_mask=masks.encode(owner == 2) if (owner == 2).any() else None)
 
     @staticmethod
     def _rasterise(polys: list[list[float]], info, field: str, file: str) -> dict:

@@ -6,8 +6,10 @@ Two formats share the code:
   `images/<stem>.{jpg,jpeg,png}`, `labels/<stem>.png` whose pixel value is the category id,
   255 = ignore; the label space is a JSON list of {id, name}.
 - `ade20k`: ADEChallengeData2016: `images/<split>/*.jpg`, `annotations/<split>/*.png` where 0 =
-  "other" (ignored) and k in 1..150 is class k; class names from objectInfo150.csv
-  (`Idx,Ratio,Train,Val,Name`, names like "building;edifice": the first synonym is kept).
+  "other" (ignored) and k in 1..150 is class k; class names from the release's objectInfo150.txt
+  (tab-separated, synonyms after ", ": the first synonym is kept) or objectInfo150.csv (where ";"
+  separates synonyms AND the words of a name: resolved against the ADE20K-150 table, see
+  `parse_object_info`).
 
 Mapping to the unified `Sample`: one sample per image (source id = file stem); one `Segment` per
 category present, with segment id = category id, iscrowd 0, mask = its pixels; the ignore pixels
@@ -17,7 +19,7 @@ them out without re-reading the source; the label space goes to the manifest's c
 Quarantined: an image without its label PNG (planning), a label PNG that is not single-channel,
 whose size differs from the image's, or that holds values outside the label space (converting).
 Label PNGs with no image are counted in the manifest's `excluded`. A missing or malformed label
-space file, or a missing image / label folder, fails the dataset.
+space file (duplicate ids or names included), or a missing image / label folder, fails the dataset.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pydantic import BaseModel
 from xsam.data import masks, storage
 from xsam.data.errors import SampleError, SourceError
 from xsam.data.images import decode_array
+from xsam.data.readers.ade20k_names import ADE20K_150_NAMES
 from xsam.data.readers.base import Plan, Reader, WorkItem
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import Sample, Segment
@@ -75,6 +78,12 @@ class LabelMapReader(Reader):
             raise SourceError("the label space is empty", file=file)
         if len(set(ids)) != len(ids):
             raise SourceError(f"duplicate category ids {sorted({i for i in ids if ids.count(i) > 1})}", file=file)
+        names: dict[str, int] = {}
+        for c in categories:
+            if c["name"] in names:
+                raise SourceError(f"categories {names[c['name']]} and {c['id']} are both named {c['name']!r}; "
+                                  "class names must be unique", file=file)
+            names[c["name"]] = c["id"]
         clash = sorted(set(ids) & set(self.ignore_values))
         if clash:
             raise SourceError(f"category id(s) {clash} collide with the ignore value(s) {list(self.ignore_values)}",
@@ -189,12 +198,12 @@ class SemanticPngReader(LabelMapReader):
 class Ade20kSplit(SplitSpec):
     images: str  # ADEChallengeData2016/images/{training,validation}
     annotations: str  # ADEChallengeData2016/annotations/{training,validation}: 0 = other (ignored), k = class k
-    object_info: str  # objectInfo150.csv (Idx, Ratio, Train, Val, Name)
+    object_info: str  # objectInfo150.txt or .csv (columns Idx, Ratio, Train, Val, [Stuff,] Name)
 
 
 class Ade20kReader(LabelMapReader):
     format = "ade20k"
-    version = 1
+    version = 2
     Split = Ade20kSplit
     ignore_values = (0,)
 
@@ -216,7 +225,14 @@ class Ade20kReader(LabelMapReader):
 
 
 def parse_object_info(text: str, file: str) -> list[dict]:
-    """objectInfo150.csv -> [{id: Idx, name: first synonym of Name}]. Comma- or tab-separated."""
+    """objectInfo150.txt / .csv -> [{id: Idx, name: the first synonym of Name}].
+
+    The file is tab- or comma-separated with a header naming the columns Idx and Name (other columns,
+    such as the csv's Stuff, are ignored; cells are stripped: the .txt has stray spaces). A Name with
+    ", " lists synonyms (the .txt): the first is kept. A Name with ";" (the .csv) joins synonyms and the
+    words of a name alike, so it is resolved against the ADE20K-150 table (`ADE20K_150_NAMES`): the cell
+    must start with the words of the Idx's name; any other ";" cell fails the file, naming the line.
+    """
     lines = text.splitlines()
     if not lines:
         raise SourceError("empty file", file=file)
@@ -232,10 +248,23 @@ def parse_object_info(text: str, file: str) -> list[dict]:
             continue
         try:
             idx = int(row[idx_col])
-            name = row[name_col].split(";")[0].strip()
+            cell = row[name_col].strip()
         except (ValueError, IndexError) as e:
             raise SourceError(f"malformed row {row!r}: {e}", file=file, field=f"line {n}") from e
-        if not name or not 1 <= idx <= 254:
+        if not cell or not 1 <= idx <= 254:
             raise SourceError(f"row {row!r} needs an Idx in 1..254 and a Name", file=file, field=f"line {n}")
+        name = _csv_name(idx, cell, file, n) if ";" in cell else cell.split(",")[0].strip()
         categories.append({"id": idx, "name": name})
     return categories
+
+
+def _csv_name(idx: int, cell: str, file: str, line: int) -> str:
+    """The first synonym of a ";"-joined Name cell of ADE20K-150 class `idx`."""
+    known = ADE20K_150_NAMES[idx - 1] if idx <= len(ADE20K_150_NAMES) else None
+    words = [w.strip() for w in cell.split(";")]
+    if known is None or words[:len(known.split())] != known.split():
+        expected = f"the ADE20K-150 name of Idx {idx} is {known!r}" if known else f"Idx {idx} is not an ADE20K-150 class"
+        raise SourceError(f"Name {cell!r} joins synonyms and words alike with ';', so its first synonym cannot be "
+                          f"read back, and it does not start with a known name ({expected}); give objectInfo150.txt "
+                          f"(synonyms separated by ', ') instead", file=file, field=f"line {line}")
+    return known
