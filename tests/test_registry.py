@@ -46,9 +46,22 @@ def registry():
     return entries
 
 
-def run_cli(registry_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CLI), "--registry", str(registry_path), "--validate-only"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+def run_cli(registry_path: Path, subprocess_run: bool = False) -> subprocess.CompletedProcess:
+    """`convert --registry PATH --validate-only`: in this process (its main(), argv to exit code and output),
+    or as the real subprocess (once, for the real registry: the entry script itself)."""
+    argv = ["--registry", str(registry_path), "--validate-only"]
+    if subprocess_run:
+        return subprocess.run([sys.executable, str(CLI), *argv], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+    import contextlib
+    import io
+
+    from xsam.pipelines.convert import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 # -- the real registry ----------------------------------------------------------------------------
@@ -99,7 +112,7 @@ def test_entries_are_consistent(registry):
 
 
 def test_cli_validates_the_real_registry():
-    res = run_cli(REGISTRY)
+    res = run_cli(REGISTRY, subprocess_run=True)
     n = len(list(REGISTRY.glob("*.yaml")))
     assert res.returncode == 0, res.stderr
     assert f"{n} valid registry entries" in res.stdout
