@@ -30,6 +30,7 @@ import base64
 import binascii
 import io
 import os
+from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
@@ -140,8 +141,11 @@ def log_xsam_model(checkpoint: str, device: str = "auto", dtype: str = "auto"):
     from xsam.data import storage
 
     remote = storage.is_uri(checkpoint)
+    # models from code: MLflow stores and later runs pyfunc_entry.py (which builds XSAMModel from the installed
+    # xsam), so nothing is pickled into the model
+    entry = Path(__file__).with_name("pyfunc_entry.py")
     return mlflow.pyfunc.log_model(
-        name=MODEL_NAME, python_model=XSAMModel(),
+        name=MODEL_NAME, python_model=str(entry),
         artifacts=None if remote else {ARTIFACT: str(checkpoint)},
         model_config={"device": device, "dtype": dtype, **({"export_uri": checkpoint} if remote else {})},
         pip_requirements=[f"xsam=={xsam.__version__}"])
