@@ -8,9 +8,9 @@ os.environ.setdefault("RAY_ACCEPT_CLUSTER_RESOURCE_LIMITS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-import logging  # noqa: E402
+import logging
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +26,34 @@ def _restore_logging_and_env():
     for key in set(os.environ) - set(env):
         del os.environ[key]
     os.environ.update(env)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow tracking server on 127.0.0.1 for the whole session, started on first use (the
+    evaluation tests, the secrets test of tests/train/test_train_e2e.py), stopped at the end."""
+    import subprocess
+    import time
+
+    import requests
+    from helpers import free_port
+
+    tmp = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if requests.get(f"{uri}/health", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)

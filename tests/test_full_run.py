@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -34,17 +35,31 @@ def submitted(tmp_path_factory):
     """One full run submitted as a Ray job to a local head (started and stopped here)."""
     work = tmp_path_factory.mktemp("job")
     # a throwaway head on loopback: no token auth (Ray 2.60 would otherwise ask the job client for one)
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_AUTH_MODE": "disabled"}
+    # planted credentials (issue 13): in the environment of the head and the job, never in a log or an output
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_AUTH_MODE": "disabled",
+           "AWS_ACCESS_KEY_ID": "AKIAPLANTEDXSAMTEST1", "AWS_SECRET_ACCESS_KEY": SECRET}
     with ray_head(env) as head:  # stops this head's own processes only, never every Ray on the machine
         proc = subprocess.run([RAY, "job", "submit", "--address", head.dashboard, "--working-dir",
                                str(ROOT), "--", sys.executable, *_args(work)],
                               capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
-    return work, proc
+        leaks = _files_holding(SECRET.encode(), Path(head.temp_dir), work)  # Ray's session logs, every output
+    return work, proc, leaks
+
+
+# made at run time (a literal would be found in the job's copy of this file)
+SECRET = "planted/xsam+" + uuid.uuid4().hex
+
+
+def _files_holding(needle: bytes, *roots: Path) -> list[str]:
+    return [str(f) for root in roots for f in root.rglob("*")
+            if f.is_file() and not f.is_symlink() and needle in f.read_bytes()]
 
 
 def test_ray_job_submit_runs_the_workflow_to_a_selected_model(submitted):
-    work, proc = submitted
+    work, proc, leaks = submitted
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert not leaks, f"the planted AWS secret is in {leaks}"  # session logs, MLflow store, exports, steps
+    assert SECRET not in proc.stdout + proc.stderr
     assert "succeeded" in proc.stdout.lower() or "SUCCEEDED" in proc.stdout
     steps = _steps(work)
     assert f"xsam@champion = version {steps['evaluate']['outputs']['version']} (selected this run" in proc.stdout
@@ -75,7 +90,7 @@ def test_ray_job_submit_runs_the_workflow_to_a_selected_model(submitted):
 
 
 def test_rerun_skips_every_step(submitted):
-    work, _ = submitted
+    work, _, _ = submitted
     before = _steps(work)
     proc = subprocess.run([sys.executable, *_args(work)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,7 +105,7 @@ def test_rerun_skips_every_step(submitted):
 def test_readme_single_stage_example_trains_s3_from_the_workflows_exports(submitted):
     """README: after the workflow, `train.py --stage s3 --profile local zero_stage=3 lr=1e-4` trains S3 from
     the S1 and S2 exports the workflow recorded (the profile's init_from: [s1, s2], resolved in --workdir)."""
-    work, _ = submitted
+    work, _, _ = submitted
     steps = _steps(work)
     proc = subprocess.run([sys.executable, "pipelines/train.py", "--stage", "s3", "--profile", "local", "--workdir",
                            str(work), "zero_stage=3", "lr=1e-4", *_args(work)[3:], "max_steps=2", "run_name=readme-s3"],
@@ -104,7 +119,7 @@ def test_readme_single_stage_example_trains_s3_from_the_workflows_exports(submit
 
 
 def test_killed_run_resumes_to_the_same_result(submitted, tmp_path):
-    work, _ = submitted
+    work, _, _ = submitted
     proc = subprocess.Popen([sys.executable, *_args(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600

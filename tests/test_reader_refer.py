@@ -4,14 +4,15 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-
 from helpers import mask_of, read_split
+
 from xsam.data import safe_pickle, storage
 from xsam.data.convert import convert, serial_executor
 from xsam.data.fixtures import generate
 from xsam.data.fixtures.refer import _py2, py2_pickle
+from xsam.data.readers.refer import ReferReader
 from xsam.data.registry import load_registry
-from xsam.data.shards import read_manifest, meta_dir, split_dir
+from xsam.data.shards import meta_dir, read_manifest
 
 REFS_P = "refcoco/refs(unc).p"
 
@@ -151,3 +152,52 @@ def test_missing_instances_file_fails_naming_it(tmp_path):
     o = outcomes[("fixture_grefcoco", "val")]
     assert o.status == "failed" and "grefcoco/instances.json" in o.error
     assert outcomes[("fixture_refcoco", "train")].status == "converted"
+
+
+def _plan(tmp: Path, dataset: str, split: str, mutate=None):
+    """Generate the refer fixtures, let `mutate(source_root)` change them, plan one split (no conversion)."""
+    if not (tmp / "fx").exists():
+        generate(tmp / "fx", ["refer"])
+    if mutate:
+        mutate(tmp / "fx" / "data" / "refer")
+    entries, problems = load_registry(tmp / "fx" / "registry")
+    assert not problems, problems
+    return ReferReader(entries[dataset], split, str(tmp / "fx" / "data")).plan()
+
+
+def test_json_refs_with_a_byte_order_mark_are_read_as_json(tmp_path):
+    """A refs file saved as UTF-8 JSON with a BOM (EF BB BF, as some editors write) plans exactly as
+    the Python 2 pickle it was made from; it is not taken for a pickle."""
+    before = _plan(tmp_path, "fixture_refcoco", "train")
+
+    def to_bom_json(root):
+        path = root / REFS_P
+        refs = safe_pickle.loads(path.read_bytes(), str(path))
+        path.write_bytes(json.dumps(refs, ensure_ascii=False, indent=1).encode("utf-8-sig"))
+
+    after = _plan(tmp_path, "fixture_refcoco", "train", to_bom_json)
+    assert (tmp_path / "fx/data/refer" / REFS_P).read_bytes()[:4] == b"\xef\xbb\xbf["
+    assert before.items and not after.quarantined
+    assert [(i.key, i.payload) for i in after.items] == [(i.key, i.payload) for i in before.items]
+
+
+def test_an_image_id_with_two_entries_in_instances_is_quarantined_on_both(tmp_path):
+    """instances.json listing one image id twice (another file name): which entry the masks belong to is
+    unknown, so both entries are refused, each naming its field; the other images are planned."""
+    before = _plan(tmp_path, "fixture_refcoco", "train")
+    dup = before.items[0].source_id
+    seen = {}
+
+    def duplicate(root):
+        path = root / "refcoco/instances.json"
+        doc = json.loads(path.read_text())
+        first = next(i for i, img in enumerate(doc["images"]) if str(img["id"]) == dup)
+        doc["images"].append({**doc["images"][first], "file_name": "another.jpg"})
+        seen.update(first=first, last=len(doc["images"]) - 1, file=str(path))
+        path.write_text(json.dumps(doc))
+
+    after = _plan(tmp_path, "fixture_refcoco", "train", duplicate)
+    assert [i.source_id for i in after.items] == [i.source_id for i in before.items[1:]]
+    assert sorted((q.source_id, q.field, q.file) for q in after.quarantined) == [
+        (dup, f"images.{seen['first']}.id", seen["file"]), (dup, f"images.{seen['last']}.id", seen["file"])]
+    assert all("used by 2 image entries" in q.reason for q in after.quarantined)

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xsam.eval.benchmark import metric_names
-
 from xsam.data.readers import READERS
 from xsam.data.registry import load_registry
+from xsam.eval.benchmark import metric_names
 
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = REPO / "datasets_registry"
@@ -295,7 +294,8 @@ def test_guide_lists_every_format_with_its_fields(registry):
             if line.startswith("| `")}
     for fmt, reader in READERS.items():
         assert fmt in rows, f"format {fmt} missing from the guide's table"
-        fields = [f for f in reader.Split.model_fields if f != "role"] + list(reader.Options.model_fields)
+        fields = [f for f in reader.Split.model_fields if f not in ("role", "allow_empty")] + list(
+            reader.Options.model_fields)  # role and allow_empty: every split's fields
         for field in fields:
             assert f"`{field}`" in rows[fmt], f"{fmt}: field {field} missing from the guide's table"
         for example in (cell.strip("` ") for cell in rows[fmt].split("|")[4].split(",")):

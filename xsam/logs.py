@@ -12,6 +12,11 @@ Ray:           `ray.init(**ray_init_kwargs(verbosity, env_vars))`: the runtime_e
                which applies the same rules there. `train_logging_config(verbosity)` goes into Ray
                Train's RunConfig(logging_config=...) to drop its per-report INFO lines.
 
+Command-line mistakes: a check raises `UserError` (or a subclass: export.ExportError, ...) naming the
+file / field; each entry point's main runs inside `cli_errors(prog, verbosity)`, which answers it with
+ONE line on stderr and exit status 2 - no traceback (other exceptions are bugs and keep theirs; at
+verbose a UserError prints its traceback too).
+
 Every handler installed here (and those the libraries attach) carries `RedactFilter`: credentials in a
 URI (`scheme://user:secret@host`) and AWS keys are masked before anything is written.
 """
@@ -25,7 +30,9 @@ import os
 import re
 import sys
 import threading
+import traceback
 import warnings
+from contextlib import contextmanager
 
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 LEVELS = (QUIET, NORMAL, VERBOSE)
@@ -79,6 +86,9 @@ NOISY_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
      "older DeepSpeed paths, same operation"),
     (r"`torch\.distributed\._reduce_scatter_base` is a private function", FutureWarning, "",
      "older DeepSpeed paths, same operation"),
+    (r"Add type hints to the `predict` method", UserWarning, "",
+     ("xsam's pyfunc checks its own rows (paths, bytes, base64, arrays: xsam.model.pyfunc.rows_of), which "
+      "MLflow's type-hint schemas cannot express")),
 )
 
 # Environment for every Ray worker process (runtime_env env_vars) at normal / quiet verbosity.
@@ -106,6 +116,29 @@ def redact(text: str) -> str:
     """`text` with URI credentials (`scheme://user:pw@` -> `scheme://***@`) and AWS keys masked."""
     text = _URI_CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", text)
     return _AWS_KEYS.sub(lambda m: f"{m['k']}***" if m["k"] else "***", text)
+
+
+class UserError(ValueError):
+    """A mistake of the person running a command (a missing or empty folder, a truncated file, a value of
+    the wrong shape): its message names the file / field and what is wrong, in one line."""
+
+
+USER_ERROR_EXIT = 2  # what argparse exits with on a bad argument, too
+
+
+@contextmanager
+def cli_errors(prog: str, verbosity: str | None = None, also: tuple[type[BaseException], ...] = ()):
+    """Run an entry point's body: a UserError (or one of `also`: a module's own mistake types) becomes
+    `[prog] error: <message>` on stderr (credentials masked, one line) and SystemExit(2); at verbose the
+    traceback is printed first. Every other exception propagates with its traceback: that is a bug."""
+    try:
+        yield
+    except (UserError, *also) as e:
+        if (verbosity or current()) == VERBOSE:
+            traceback.print_exc()
+        message = " ".join(redact(str(e)).split()) or type(e).__name__
+        print(f"[{prog}] error: {message}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
 
 
 class RedactFilter(logging.Filter):

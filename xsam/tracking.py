@@ -7,6 +7,9 @@
   `./mlruns` of whatever folder the command ran in. A tracking server keeps its own artifact root.
 - `metric_name(*parts)`: ONE rule for every metric name: lowercase, groups joined by "/", anything but
   `[a-z0-9_-]` inside a group becomes "_" (`loss/total`, `fixture_refcoco/val/ciou`, `point/ap50`).
+- `filter_value(text)`: a string quoted for an MLflow filter string (`name = {filter_value(name)}`), so a
+  run or model name holding a `'` is looked up, not a broken filter.
+- `redacted_params(cfg_dict)`: a config's values as MLflow params, credentials in any URI masked.
 - `PARENT_TAG`: runs are flat (no `mlflow.parentRunId`: nested runs hide in the UI); a run started by
   another (a workflow's step, a workflow's evaluation) names it in this tag.
 """
@@ -23,6 +26,31 @@ PARENT_TAG = "xsam.parent_run"
 ARTIFACTS_DIR = "mlartifacts"
 
 _BAD = re.compile(r"[^a-z0-9_\-]+")
+
+
+def filter_value(text: str) -> str:
+    """`text` as a quoted value for an MLflow search filter. MLflow's parser strips the outer quotes
+    without unescaping anything inside, so the quote that `text` does not contain is chosen: '...'
+    normally, "..." when `text` holds a `'`. A text holding both quotes, or ending in a backslash (the
+    parser reads it as escaping the closing quote), cannot be written: ValueError naming it."""
+    text = str(text)
+    if text.endswith("\\"):
+        raise ValueError(f"{text!r}: a name ending in a backslash cannot be searched for in MLflow; rename it")
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise ValueError(f"{text!r}: a name holding both ' and \" cannot be searched for in MLflow; rename it")
+
+
+def redacted_params(values: dict) -> dict[str, str]:
+    """`values` (a config dict) as MLflow param strings (JSON for non-strings) with URI credentials and
+    AWS keys masked (xsam.logs.redact): the tracking URI may carry `user:password@`."""
+    import json
+
+    from xsam.logs import redact
+
+    return {k: redact(v if isinstance(v, str) else json.dumps(v)) for k, v in values.items()}
 
 
 def metric_name(*parts: str) -> str:

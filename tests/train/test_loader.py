@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import convert_fixtures
 
-from xsam.train.formatting import Formatter, collate_s1
+from xsam.data.images import UndecodableImage
+from xsam.train.formatting import Formatter, collate_s1, decode_image
 from xsam.train.loader import Loader
 from xsam.train.sampling import Schedule
 from xsam.train.shard_index import ShardIndex
@@ -176,3 +177,60 @@ def test_real_batches_are_the_same_with_threads_and_after_a_resume(index):
                       prefetch=6, threads=3))
     _assert_same_s1_batches(head + tail, full)
     assert set(torch_threads) == {1} and torch.get_num_threads() == main_threads
+
+
+def _break_huffman_table(jpeg: bytes) -> bytes:
+    """The stored JPEG with its Huffman table overwritten: header and end marker intact (it passes the
+    converter's quick probe), the image does not decode."""
+    data = bytearray(jpeg)
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5:dht + 21] = b"\xff" * 16
+    return bytes(data)
+
+
+def test_an_undecodable_image_is_replaced_on_every_rank_and_logged_once(index, caplog):
+    """A stored image that does not decode (training's real decode) does not stop its rank: the sample is
+    replaced by the next one of its dataset, the same wherever and however often it is drawn, every batch
+    stays full, the output is the same with prefetch threads, and each rank logs the key once."""
+    dataset = "fixture_coco_panoptic"
+    refs = index.refs[dataset]
+    bad_ref = refs[0]
+    bad = index.read(bad_ref)[0].provenance.source_id
+    after = index.read(refs[1])[0].provenance.source_id
+    with pytest.raises(UndecodableImage, match=f"{dataset}/{bad}: image data does not decode"):
+        decode_image(_break_huffman_table(index.read(bad_ref)[1]), index.read(bad_ref)[0])
+
+    def decoding(sample, image, rng):
+        if sample.dataset == dataset and sample.provenance.source_id == bad:
+            image = _break_huffman_table(image)
+        decode_image(image, sample)  # the formatter's decode
+        return fmt(sample, image, rng)
+
+    s = schedule(index)
+    b = s.batch_per_rank
+    caplog.set_level("WARNING", logger="xsam.train.loader")
+    def warnings():
+        found = [r.getMessage() for r in caplog.records if r.name == "xsam.train.loader"]
+        caplog.clear()
+        return found
+
+    drawn, per_rank = 0, []
+    for rank in range(2):
+        caplog.clear()
+        got = run(Loader(index, s, rank, decoding, collate, SEED, num_epochs=6))
+        logged = warnings()
+        assert run(Loader(index, s, rank, decoding, collate, SEED, num_epochs=6, prefetch=3, threads=2)) == got
+        assert warnings() == logged  # one loader, one line per broken sample, whatever the threads
+        on_rank = drawn
+        for (epoch, step), d, batch in got:
+            firsts = [item[1] for item in batch if item[2] == 0]
+            assert len(firsts) == b and bad not in firsts  # a full batch, without the broken sample
+            if d == dataset:
+                for slot, i in enumerate(s.epoch(epoch)[step].indices[rank * b:(rank + 1) * b]):
+                    if i == 0:
+                        drawn += 1
+                        assert firsts[slot] == after  # its replacement: the next sample of the dataset
+        per_rank.append(drawn - on_rank)
+        assert len(logged) == 1  # once, however often this rank drew it
+        assert bad_ref.key in logged[0] and bad_ref.shard in logged[0] and "does not decode" in logged[0]
+    assert min(per_rank) >= 1 and max(per_rank) > 1, per_rank  # drawn on both ranks, more than once

@@ -6,15 +6,27 @@ Idempotence and resume, per dataset split:
 - its fingerprint hashes the reader and schema versions, the registry entry, the conversion
   settings and the whole plan (every record's annotations, the size and mtime of every file it reads);
 - manifest.json present with the same fingerprint -> nothing to do;
-- otherwise each shard whose commit record (parts/<shard>.json) carries the same fingerprint is
-  kept and the others are (re)written under a temporary name; the old manifest is deleted before
-  the first tar is renamed into place, the new one written last, stale files removed.
-(Locations: xsam/data/shards.py.)
+- a shard's bytes are checked against the sha256 its manifest / commit record gives: a damaged
+  shard is never trusted, its split is rebuilt;
+- otherwise each shard whose commit record (parts/<shard>.json) carries the same fingerprint (and
+  whose tar checks out) is kept and the others are written by the workers into the split's STAGING
+  folder (_meta/.../staging/, under a temporary name tagged with this run, then renamed); only once
+  the split as a whole passes its checks does the driver delete the old manifest, move the staged
+  tars into place, write the new manifest last and remove stale files. A split that fails keeps the
+  earlier conversion's shards and manifest as they were. (Locations: xsam/data/shards.py.)
 
-A split must give at least one good sample: when every record is quarantined (or there is none)
-the split fails with the main quarantine reasons, and nothing of an earlier conversion is replaced
-- a shard with no good sample is never renamed over an existing tar by a worker; the driver writes
-it (an empty tar) only once the split as a whole has samples.
+A rerun never replaces good shards with worse ones silently; the split fails and keeps the earlier
+shards when
+- its source folder is missing, or none of the images it reads exists (an offline mount);
+- it gives no good sample (every record quarantined, or none at all: an empty split is an error
+  unless its registry entry says `allow_empty: true`);
+- its good-sample count falls below `SHRINK_LIMIT` (half) of the previous manifest's, unless
+  `ConvertSettings.allow_shrink` (CLI `--allow-shrink`).
+
+A shard task that dies (its worker crashes) fails its split, naming the shard's samples; the executor
+bounds its retries (pipelines/convert.py) and the other splits finish. Any error while planning a
+split (a reader bug, an annotation file that breaks the parser) fails that split only, naming its
+annotation files.
 
 A label space name is bound to one category list (xsam/data/label_spaces.py): a split whose
 categories differ from those another dataset of the run, or of the output tree, gave the same
@@ -27,10 +39,10 @@ import hashlib
 import json
 import logging
 import time
-import traceback
+import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from xsam.data import expansion, storage
 from xsam.data.errors import QuarantineRecord, SampleError, SourceError
@@ -39,12 +51,13 @@ from xsam.data.readers import READERS
 from xsam.data.readers.base import ConvertSettings, Plan, Reader, WorkItem
 from xsam.data.registry import RegistryEntry
 from xsam.data.schema import SCHEMA_VERSION
+from xsam.data.shard_task import ShardResult, ShardSpec, serial_executor, write_shard
 from xsam.data.shards import (
     LAYOUT_VERSION,
     Manifest,
-    ShardInfo,
     ShardWriter,
     commit_record_location,
+    file_sha256,
     json_line,
     list_splits,
     manifest_location,
@@ -53,52 +66,17 @@ from xsam.data.shards import (
     read_manifest,
     shard_name,
     split_dir,
+    staging_location,
 )
 
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 1_000_000_000
+SHRINK_LIMIT = 0.5  # a rerun giving fewer than this fraction of the previous good samples fails its split
 
 _log = logging.getLogger(__name__)
 
-
-@dataclass
-class ShardSpec:
-    """One shard task: everything a worker needs, picklable."""
-
-    reader: Reader
-    items: list[WorkItem]
-    location: str
-    record_location: str
-    fingerprint: str
-    manifest_location: str  # deleted before this shard's tar replaces anything
-
-    @property
-    def name(self) -> str:
-        return self.location.rsplit("/", 1)[-1]
-
-
-@dataclass
-class ShardResult:
-    """What a shard task did: `shard` committed, or an `error`, or neither: no good sample, nothing
-    committed (the driver writes the empty tar once the split has samples)."""
-
-    name: str
-    fingerprint: str
-    shard: ShardInfo | None = None
-    quarantined: list[QuarantineRecord] = field(default_factory=list)
-    error: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps({"name": self.name, "fingerprint": self.fingerprint,
-                           "shard": self.shard.model_dump() if self.shard else None,
-                           "quarantined": [q.to_dict() for q in self.quarantined], "error": self.error})
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "ShardResult":
-        d = json.loads(text)
-        return cls(name=d["name"], fingerprint=d["fingerprint"],
-                   shard=ShardInfo.model_validate(d["shard"]) if d["shard"] else None,
-                   quarantined=[QuarantineRecord(**q) for q in d["quarantined"]], error=d["error"])
+__all__ = ["ShardResult", "ShardSpec", "SplitJob", "SplitOutcome", "convert", "finalize_split", "prepare_split",
+           "serial_executor", "write_shard"]
 
 
 @dataclass
@@ -111,6 +89,8 @@ class SplitJob:
     fingerprint: str
     specs: list[ShardSpec]  # shards to write
     kept: list[ShardResult]  # shards already committed by an earlier run
+    settings: ConvertSettings = field(default_factory=ConvertSettings)
+    previous: Manifest | None = None  # the manifest of the earlier conversion, if any
 
 
 @dataclass
@@ -127,55 +107,6 @@ class SplitOutcome:
 Executor = Callable[[list[ShardSpec]], Iterable[ShardResult]]
 
 
-def write_shard(spec: ShardSpec) -> ShardResult:
-    """Convert the items of one shard and commit the tar, then its commit record.
-
-    A bad sample is quarantined; any other failure (storage down, a bug) fails the shard, which
-    fails its split but not the job. A shard with no good sample commits nothing."""
-    try:
-        reader = spec.reader
-        quarantined: list[QuarantineRecord] = []
-        writer = ShardWriter(spec.location)
-        records = 0
-        try:
-            for item in spec.items:
-                try:
-                    image, sample = reader.convert(item)
-                    record = sample.to_json_bytes()
-                except SampleError as e:
-                    quarantined.append(reader.quarantine(item.source_id, e, item.source_file))
-                    continue
-                except SourceError as e:  # a per-sample annotation file (e.g. LabelMe JSON) is unreadable
-                    err = SampleError(e.reason, field=e.field, file=e.file)
-                    quarantined.append(reader.quarantine(item.source_id, err, item.source_file))
-                    continue
-                except (ValueError, TypeError, KeyError, IndexError) as e:
-                    err = SampleError(f"malformed sample ({type(e).__name__}: {e})", file=item.files[0] if item.files else None)
-                    quarantined.append(reader.quarantine(item.source_id, err, item.source_file))
-                    continue
-                writer.add(item.key, image, record)
-                records += expansion.num_records(sample)
-            if writer.num_samples == 0:
-                writer.abort()
-                return ShardResult(name=spec.name, fingerprint=spec.fingerprint, quarantined=quarantined)
-            storage.delete(spec.manifest_location)  # the split stops looking complete before a tar changes
-            info = writer.commit()
-            info.num_records = records
-        except BaseException:
-            writer.abort()
-            raise
-        result = ShardResult(name=spec.name, fingerprint=spec.fingerprint, shard=info, quarantined=quarantined)
-        storage.write_bytes_atomic(spec.record_location, result.to_json().encode())
-        return result
-    except Exception as e:  # noqa: BLE001 - reported per shard, fails its split
-        return ShardResult(name=spec.name, fingerprint=spec.fingerprint,
-                           error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
-
-
-def serial_executor(specs: list[ShardSpec]) -> Iterable[ShardResult]:
-    return [write_shard(s) for s in specs]
-
-
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -184,7 +115,7 @@ def _fingerprint(entry: RegistryEntry, split: str, reader: Reader, plan: Plan, s
                  max_samples: int, max_bytes: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"schema": SCHEMA_VERSION, "layout": LAYOUT_VERSION, "format": entry.format, "reader_version": reader.version,
-                         "entry": entry.digest(split), "settings": settings.__dict__, "max_samples": max_samples,
+                         "entry": entry.digest(split), "settings": settings.fingerprint_fields(), "max_samples": max_samples,
                          "max_bytes": max_bytes, "expansion": expansion.EXPANSION_VERSION, "categories": plan.categories, "excluded": plan.excluded},
                         sort_keys=True, default=str).encode())
     for item in plan.items:
@@ -210,22 +141,48 @@ def _cut(items: list[WorkItem], max_samples: int, max_bytes: int) -> list[list[W
     return shards
 
 
-def _committed(record_location: str, fingerprint: str, tar_location: str) -> ShardResult | None:
+def _intact(location: str, size: int, sha256: str) -> bool:
+    """The file at `location` has these size and sha256 (read in full: a damaged shard is never trusted)."""
+    try:
+        return storage.exists(location) and storage.size(location) == size and file_sha256(location) == sha256
+    except OSError:
+        return False
+
+
+def _committed(record_location: str, fingerprint: str, staged: str, final: str) -> ShardResult | None:
+    """The commit record of a shard an earlier run wrote for this fingerprint, when its tar (staged or
+    already moved into place) is intact."""
     if not storage.exists(record_location):
         return None
     try:
         result = ShardResult.from_json(storage.read_bytes(record_location))
     except (ValueError, KeyError, TypeError):
         return None
-    if result.fingerprint != fingerprint or result.shard is None or storage.size(tar_location) != result.shard.bytes:
+    if result.fingerprint != fingerprint or result.shard is None:
         return None
-    return result
+    if any(_intact(loc, result.shard.bytes, result.shard.sha256) for loc in (staged, final)):
+        return result
+    return None
+
+
+def _check_sources(reader: Reader, plan: Plan) -> None:
+    """SourceError when the split's images are all missing: an offline or unmounted image folder
+    would otherwise quarantine every sample (and, on a rerun, look like a shrunken dataset)."""
+    images = [(it.files[0], it.stats[0]) for it in plan.items if it.files]
+    if images and all(stat == (-1, -1) for _, stat in images):
+        folder = images[0][0].rsplit("/", 1)[0]
+        raise SourceError(f"none of the {len(images)} images of the split exists (e.g. {images[0][0]}): "
+                          f"is the image folder offline or not mounted? earlier shards were left as they were",
+                          file=folder)
 
 
 def prepare_split(entry: RegistryEntry, split: str, data_root: str, output: str, settings: ConvertSettings,
                   max_samples: int, max_bytes: int, force: bool = False) -> SplitJob | SplitOutcome:
     """Plan a split; return an up-to-date outcome, or the shard tasks still to run."""
     reader = READERS[entry.format](entry, split, data_root, settings)
+    if not storage.exists(reader.root):
+        raise SourceError("the source folder does not exist (offline, not mounted or a wrong --data-root?); "
+                          "earlier shards were left as they were", file=reader.root)
     plan = reader.plan()
     plan.items.sort(key=lambda it: it.key)
     keys = [it.key for it in plan.items]
@@ -237,26 +194,28 @@ def prepare_split(entry: RegistryEntry, split: str, data_root: str, output: str,
     for it in plan.items:
         it.stats = stats[pos:pos + len(it.files)]
         pos += len(it.files)
+    _check_sources(reader, plan)
     fp = _fingerprint(entry, split, reader, plan, settings, max_samples, max_bytes)
     directory = split_dir(output, entry.name, split)
-    manifest_loc = manifest_location(output, entry.name, split)
-    manifest = read_manifest(manifest_loc)
+    manifest = read_manifest(manifest_location(output, entry.name, split))
     if not force and manifest is not None and manifest.source_fingerprint == fp and all(
-            storage.size(storage.join(directory, s.name)) == s.bytes for s in manifest.shards):
+            _intact(storage.join(directory, s.name), s.bytes, s.sha256) for s in manifest.shards):
         return SplitOutcome(entry.name, split, "up-to-date", manifest=manifest)
     specs, kept = [], []
+    run = uuid.uuid4().hex[:8]
     for index, items in enumerate(_cut(plan.items, max_samples, max_bytes)):
         name = shard_name(entry.name, split, index)
         location = storage.join(directory, name)
+        staged = staging_location(output, entry.name, split, name)
         record = commit_record_location(output, entry.name, split, name)
         shard_fp = hashlib.sha256(f"{fp}/{name}".encode()).hexdigest()
-        done = None if force else _committed(record, shard_fp, location)
+        done = None if force else _committed(record, shard_fp, staged, location)
         if done is not None:
             kept.append(done)
         else:
-            specs.append(ShardSpec(reader=reader, items=items, location=location, record_location=record,
-                                   fingerprint=shard_fp, manifest_location=manifest_loc))
-    return SplitJob(entry, split, directory, output, plan, fp, specs, kept)
+            specs.append(ShardSpec(reader=reader, items=items, location=location, staging=staged,
+                                   record_location=record, fingerprint=shard_fp, run=run))
+    return SplitJob(entry, split, directory, output, plan, fp, specs, kept, settings, manifest)
 
 
 def _no_samples(job: SplitJob, quarantined: list[QuarantineRecord]) -> str:
@@ -274,7 +233,6 @@ def _no_samples(job: SplitJob, quarantined: list[QuarantineRecord]) -> str:
 def _commit_empty(job: SplitJob, result: ShardResult) -> ShardResult:
     """Write the empty tar (and its commit record) of a shard whose samples were all quarantined."""
     location = storage.join(job.directory, result.name)
-    storage.delete(manifest_location(job.output, job.entry.name, job.split))
     writer = ShardWriter(location)
     info = writer.commit()
     info.num_records = 0
@@ -287,6 +245,7 @@ def _commit_empty(job: SplitJob, result: ShardResult) -> ShardResult:
 def finalize_split(job: SplitJob, results: list[ShardResult]) -> SplitOutcome:
     """Write quarantine.jsonl and, if every shard committed and the split has samples, manifest.json;
     remove stale files."""
+    _remove_run_temps(job)
     errors = [r for r in results if r.error]
     if errors:
         return SplitOutcome(job.entry.name, job.split, "failed",
@@ -295,8 +254,23 @@ def finalize_split(job: SplitJob, results: list[ShardResult]) -> SplitOutcome:
     quarantined = sorted(job.plan.quarantined + [q for r in done for q in r.quarantined], key=lambda q: q.key)
     storage.write_bytes_atomic(quarantine_location(job.output, job.entry.name, job.split),
                                "".join(json_line(q.to_dict()) + "\n" for q in quarantined).encode("utf-8"))
-    if not any(r.shard is not None and r.shard.num_samples for r in done):
+    good = sum(r.shard.num_samples for r in done if r.shard is not None)
+    spec = job.entry.split_spec(job.split)
+    if good == 0 and not (spec.allow_empty and not quarantined):
         return SplitOutcome(job.entry.name, job.split, "failed", error=_no_samples(job, quarantined))
+    previous = job.previous.num_samples if job.previous is not None else 0
+    if not job.settings.allow_shrink and good < SHRINK_LIMIT * previous:
+        return SplitOutcome(job.entry.name, job.split, "failed", error=(
+            f"{good} good samples, fewer than {SHRINK_LIMIT:.0%} of the {previous} of the previous conversion "
+            f"({len(quarantined)} quarantined: see {quarantine_location(job.output, job.entry.name, job.split)}); "
+            f"the earlier shards were left as they were (pass --allow-shrink to accept the smaller split)"))
+    storage.delete(manifest_location(job.output, job.entry.name, job.split))  # incomplete until rewritten
+    if not storage.is_uri(job.directory):
+        storage.makedirs(job.directory)  # a local rename needs the folder; an object store has none
+    for r in done:
+        staged = staging_location(job.output, job.entry.name, job.split, r.name)
+        if r.shard is not None and storage.exists(staged):
+            storage.move(staged, storage.join(job.directory, r.name))
     done = [r if r.shard is not None else _commit_empty(job, r) for r in done]
     shards = [r.shard for r in done]
     num_samples = sum(s.num_samples for s in shards)
@@ -304,7 +278,6 @@ def finalize_split(job: SplitJob, results: list[ShardResult]) -> SplitOutcome:
     if num_samples + len(quarantined) != num_read:  # a reconciliation failure is a bug, never silent
         raise RuntimeError(f"{job.entry.name}/{job.split}: read {num_read} != written {num_samples} "
                            f"+ quarantined {len(quarantined)}")
-    spec = job.entry.split_spec(job.split)
     manifest = Manifest(dataset=job.entry.name, split=job.split, task=job.entry.task.value, format=job.entry.format,
                         reader_version=READERS[job.entry.format].version, role=spec.role,
                         label_space=job.entry.label_space, categories=job.plan.categories,
@@ -315,14 +288,39 @@ def finalize_split(job: SplitJob, results: list[ShardResult]) -> SplitOutcome:
     # the shards' folder holds the current tars only (this also clears the sidecars of layout 1)
     keep = {storage.join(job.directory, s.name) for s in shards}
     keep |= {commit_record_location(job.output, job.entry.name, job.split, s.name) for s in shards}
-    parts = storage.join(meta_dir(job.output, job.entry.name, job.split), "parts")
-    for loc in storage.list_files(job.directory, recursive=True) + storage.list_files(parts):
+    meta = meta_dir(job.output, job.entry.name, job.split)
+    stale = [storage.join(meta, "parts"), storage.join(meta, "staging")]
+    for loc in storage.list_files(job.directory, recursive=True) + [f for d in stale for f in storage.list_files(d)]:
         if loc not in keep:
             storage.delete(loc)
     storage.write_bytes_atomic(manifest_location(job.output, job.entry.name, job.split),
                                manifest.model_dump_json(indent=2).encode())
     return SplitOutcome(job.entry.name, job.split, "converted", manifest=manifest,
                         shards_written=len(results), shards_kept=len(job.kept))
+
+
+def _remove_run_temps(job: SplitJob) -> None:
+    """Delete the temporary files this run's shard tasks of `job` left (a task that died mid-write, once
+    per attempt); files of another run are not touched."""
+    if not job.specs:
+        return
+    staging = staging_location(job.output, job.entry.name, job.split, "x").rsplit("/", 1)[0]
+    temps = tuple(f"{spec.staging}.tmp-{spec.run}-" for spec in job.specs)
+    for loc in storage.list_files(staging):
+        if loc.startswith(temps):
+            storage.delete(loc)
+
+
+def _planning_failure(entry: RegistryEntry, split: str, data_root: str, error: Exception) -> str:
+    """An unexpected error while planning a split, naming the split's source files."""
+    try:
+        fields = entry.split_spec(split).model_dump()
+        files = ", ".join(f"{k}={v}" for k, v in fields.items() if isinstance(v, str) and k != "role")
+    except Exception:
+        files = "?"
+    root = entry.source_root(data_root)
+    return (f"cannot read the source of {entry.name}/{split} ({type(error).__name__}: {error}); "
+            f"its files under {root}: {files}")
 
 
 def _tree_label_spaces(output: str, skip: set[str]) -> LabelSpaces:
@@ -360,6 +358,12 @@ def convert(entries: list[RegistryEntry], data_root: str, output: str, executor:
                 warn(f"[convert] {entry.name}/{split}: FAILED: {e}")
                 outcomes.append(SplitOutcome(entry.name, split, "failed", error=str(e)))
                 continue  # only this split fails; the other splits and datasets go on
+            except Exception as e:
+                error = _planning_failure(entry, split, data_root, e)
+                _log.debug("planning %s/%s failed", entry.name, split, exc_info=True)
+                warn(f"[convert] {entry.name}/{split}: FAILED: {error}")
+                outcomes.append(SplitOutcome(entry.name, split, "failed", error=error))
+                continue
             categories = job.manifest.categories if isinstance(job, SplitOutcome) else job.plan.categories
             try:
                 spaces.bind(entry.label_space, categories, f"{entry.name}/{split}")
@@ -378,9 +382,17 @@ def convert(entries: list[RegistryEntry], data_root: str, output: str, executor:
     job_of = {spec.name: job for job in jobs for spec in job.specs}  # shard names are unique
     results: dict[tuple[str, str], list[ShardResult]] = {(job.entry.name, job.split): [] for job in jobs}
     specs = [spec for job in jobs for spec in job.specs]
+    reported: set[str] = set()
     for result in executor(specs) if specs else []:
         job = job_of[result.name]
         results[(job.entry.name, job.split)].append(result)
+        reported.add(result.name)
+    for spec in specs:  # a task the executor gave up on (its worker kept dying) fails its split
+        if spec.name not in reported:
+            job = job_of[spec.name]
+            results[(job.entry.name, job.split)].append(ShardResult(
+                name=spec.name, fingerprint=spec.fingerprint,
+                error=f"the shard task returned no result (its worker died); its {spec.samples()}"))
     for job in jobs:
         outcome = finalize_split(job, results[(job.entry.name, job.split)])
         if outcome.status == "failed":

@@ -6,6 +6,10 @@ gives the size, refused above `max_pixels` before any pixel is decoded (decompre
 a JPEG must end with its EOI marker and a PNG with its IEND chunk (truncation). With
 `full_decode=True` every image is also decoded, which catches corruption inside the entropy
 coded data at ~5x the cost.
+
+Decoding for use (`to_rgb`, `decode_rgb`) gives 8-bit RGB. A 16-bit grey PNG (PIL mode I;16, or I)
+is scaled to 8 bits (v / 257, rounded: 0 -> 0, 65535 -> 255), where PIL's own convert clips every
+value above 255 to white. Bytes that fail to decode raise `UndecodableImage`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ _MAGIC = (
     (b"BM", "bmp"),
 )
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "gif": "GIF", "bmp": "BMP", "webp": "WEBP"}
+
+
+_WIDE_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # 16-bit grey PNGs open in these modes
+
+
+class UndecodableImage(ValueError):
+    """Stored image bytes that do not decode (e.g. corrupt entropy-coded data behind a valid header)."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +93,35 @@ def probe(data: bytes, *, file: str, max_pixels: int = DEFAULT_MAX_PIXELS, full_
     return ImageProbe(fmt, width, height)
 
 
-def decode_rgb(data: bytes, *, file: str) -> np.ndarray:
-    """Decode to (H, W, 3) uint8, raising SampleError for corrupt data."""
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """An opened image as a writable (H, W, 3) uint8 RGB array (no EXIF transpose); 16-bit grey is
+    scaled to 8 bits, not clipped (see the module docstring)."""
+    if img.mode == "RGB":
+        return np.array(img)
+    if img.mode in _WIDE_GREY:
+        wide = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        grey = ((wide + 128) // 257).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.array(img.convert("RGB"))
+
+
+def decode_to_rgb(data: bytes) -> np.ndarray:
+    """Decode image bytes with `to_rgb`; UndecodableImage (with PIL's reason) when they do not decode."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    except Exception as e:
-        raise SampleError(f"corrupt image data: {e}", file=file) from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return to_rgb(img)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for corrupt data
+        raise UndecodableImage(f"image data does not decode: {type(e).__name__}: {e}") from e
+
+
+def decode_rgb(data: bytes, *, file: str) -> np.ndarray:
+    """Decode to (H, W, 3) uint8, raising SampleError (naming `file`) for corrupt data."""
+    try:
+        return decode_to_rgb(data)
+    except UndecodableImage as e:
+        raise SampleError(f"corrupt image data: {e.__cause__}", file=file) from e
 
 
 def decode_array(data: bytes, *, file: str) -> np.ndarray:

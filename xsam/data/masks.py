@@ -3,6 +3,11 @@
 All RLE here is pycocotools' format: column-major runs starting with background, `size` =
 [height, width], counts as the compressed string. Source RLE is validated BEFORE pycocotools
 sees it: its C decoder trusts the counts and writes past the mask when they do not sum to h*w.
+Polygons are bounded BEFORE pycocotools rasterises them: its rasteriser walks every edge at 5x
+resolution into arrays sized by the edge lengths, so one vertex at 1e300 crashes the process and
+one at 1e7-1e8 costs gigabytes. A vertex must lie within `POLYGON_MARGIN` image sizes of the image
+(x in [-m*W, (1+m)*W], y likewise) and a segmentation's edges may total at most
+`MAX_POLYGON_EDGE_PX` pixels (Chebyshev length); anything else is a SampleError naming the field.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from pycocotools import mask as mask_utils
 
 from xsam.data.errors import SampleError
 from xsam.data.schema import RLE
+
+POLYGON_MARGIN = 1.0  # a vertex may lie up to one image width / height outside the image
+MAX_POLYGON_EDGE_PX = 2_000_000  # total edge length of one segmentation's polygons (~160 MB to rasterise)
 
 
 def _as_fortran_u8(mask: np.ndarray) -> np.ndarray:
@@ -75,6 +83,24 @@ def _counts_from_string(s: str, field: str) -> list[int]:
     return counts
 
 
+def _check_polygon_bounds(polys: list[list[float]], height: int, width: int, field: str) -> None:
+    """Refuse polygons pycocotools cannot rasterise safely (see the module docstring)."""
+    total = 0.0
+    for i, poly in enumerate(polys):
+        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+        lo = np.array([-POLYGON_MARGIN * width, -POLYGON_MARGIN * height])
+        hi = np.array([(1 + POLYGON_MARGIN) * width, (1 + POLYGON_MARGIN) * height])
+        bad = np.nonzero(((xy < lo) | (xy > hi)).any(axis=1))[0]
+        if bad.size:
+            x, y = xy[bad[0]]
+            raise SampleError(f"polygon vertex ({x:g}, {y:g}) lies more than {POLYGON_MARGIN:g} image size(s) "
+                              f"outside the {width}x{height} image", field=f"{field}.{i}")
+        total += float(np.abs(np.diff(np.vstack([xy, xy[:1]]), axis=0)).max(axis=1).sum())
+    if total > MAX_POLYGON_EDGE_PX:
+        raise SampleError(f"polygons too long to rasterise: edges total {total:.0f} px > {MAX_POLYGON_EDGE_PX}",
+                          field=field)
+
+
 def rle_from_source(seg: Any, height: int, width: int, field: str) -> dict:
     """Normalise a source segmentation (polygons, uncompressed RLE, compressed RLE) to compressed
     RLE at (height, width), raising SampleError on anything malformed."""
@@ -87,6 +113,7 @@ def rle_from_source(seg: Any, height: int, width: int, field: str) -> dict:
             polys.append([float(v) for v in poly])
         if not polys:
             raise SampleError("empty polygon list", field=field)
+        _check_polygon_bounds(polys, height, width, field)
         rles = mask_utils.frPyObjects(polys, height, width)
         merged = mask_utils.merge(rles)
         return {"size": [height, width], "counts": merged["counts"].decode("ascii")}

@@ -42,6 +42,7 @@ class SplitSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["train", "eval"] = "train"
+    allow_empty: bool = False  # a split with no record converts (to no shard) instead of failing
 
 
 class NoOptions(BaseModel):
@@ -92,7 +93,7 @@ class RegistryEntry(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _known_metrics(self) -> "RegistryEntry":
+    def _known_metrics(self) -> RegistryEntry:
         if not self.metrics:
             return self
         from xsam.eval.benchmark import metric_names  # the benchmark's table is the one source of the names
@@ -106,7 +107,7 @@ class RegistryEntry(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _reader_fields(self) -> "RegistryEntry":
+    def _reader_fields(self) -> RegistryEntry:
         reader = self.reader_class()
         errors = []
         for split, spec in self.splits.items():
@@ -142,7 +143,7 @@ class RegistryEntry(BaseModel):
     def digest(self, split: str) -> str:
         """Hash of everything in the entry that changes what a split's shards contain."""
         payload = {"name": self.name, "task": self.task.value, "format": self.format,
-                   "split": self.split_spec(split).model_dump(mode="json"),
+                   "split": self.split_spec(split).model_dump(mode="json", exclude={"allow_empty"}),
                    "options": self.option_values().model_dump(mode="json"), "label_space": self.label_space}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -193,7 +194,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def load_yaml(file: Path):
     """The YAML document of `file`; DuplicateKeyError (a yaml.YAMLError) for a key given twice."""
-    return yaml.load(file.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    return yaml.load(file.read_text(encoding="utf-8"), Loader=_StrictLoader)
 
 
 def load_entry(file: Path) -> tuple[RegistryEntry | None, list[RegistryProblem]]:

@@ -6,6 +6,7 @@ Layout of a conversion output (layout version 2)::
     <out>/_meta/<dataset>/<split>/manifest.json                    written last: the split is complete
     <out>/_meta/<dataset>/<split>/quarantine.jsonl                 rejected samples with reasons
     <out>/_meta/<dataset>/<split>/parts/<dataset>-<split>-000000.json   per-shard commit record
+    <out>/_meta/<dataset>/<split>/staging/<dataset>-<split>-000000.tar  a new tar until its split commits
     <out>/_meta/<dataset>/<split>/index-<sha256>.bin               the training index cache
 
 Every WebDataset reader opens the shards as they are: a split folder and the whole tree hold
@@ -31,7 +32,8 @@ import io
 import json
 import posixpath
 import tarfile
-from typing import Iterator
+import uuid
+from collections.abc import Iterator
 
 from pydantic import BaseModel
 
@@ -108,6 +110,21 @@ def commit_record_location(output: str, dataset: str, split: str, shard: str) ->
     return storage.join(meta_dir(output, dataset, split), "parts", shard.removesuffix(".tar") + ".json")
 
 
+def staging_location(output: str, dataset: str, split: str, shard: str) -> str:
+    """Where a shard task commits the tar `shard` (its file name) until the driver moves it into place."""
+    return storage.join(meta_dir(output, dataset, split), "staging", shard)
+
+
+def file_sha256(location: str, chunk: int = 8 << 20) -> str:
+    """sha256 hex of a file's bytes, read as a stream."""
+    fs, path = storage.resolve(location)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def shard_name(dataset: str, split: str, index: int) -> str:
     return f"{dataset}-{split}-{index:06d}.tar"
 
@@ -165,11 +182,13 @@ class _HashingWriter:
 
 
 class ShardWriter:
-    """Write samples (in key order) into one tar at a temporary name; `commit()` renames it."""
+    """Write samples (in key order) into one tar at a temporary name; `commit()` renames it. `tag` goes
+    into the temporary name (`<location>.tmp-<tag>-<unique>`) so a run can find the files its dead
+    tasks left."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, tag: str | None = None):
         self.location = location
-        self.tmp = storage.temp_name(location)
+        self.tmp = f"{location}.tmp-{tag}-{uuid.uuid4().hex[:12]}" if tag else storage.temp_name(location)
         self._raw = storage.open_output(self.tmp)
         self._out = _HashingWriter(self._raw)
         self._tar = tarfile.open(fileobj=self._out, mode="w|", format=tarfile.USTAR_FORMAT)

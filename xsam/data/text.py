@@ -15,6 +15,10 @@ def loads_json(data: bytes, file: str) -> Any:
         return json.loads(data.decode("utf-8-sig", errors="surrogateescape"))  # tolerate a BOM
     except json.JSONDecodeError as e:
         raise SourceError(f"not valid JSON: {e}", file=file) from e
+    except ValueError as e:  # e.g. an integer over Python's 4300-digit limit
+        raise SourceError(f"unreadable JSON value: {e}", file=file) from e
+    except RecursionError as e:
+        raise SourceError("JSON nested too deeply to read", file=file) from e
 
 
 def clean_text(value: Any, field: str, file: str | None = None) -> str:

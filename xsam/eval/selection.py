@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from xsam.tracking import metric_name
+from xsam.tracking import filter_value, metric_name
 
 
 @dataclass
@@ -97,7 +97,7 @@ def select(client: MlflowClient, model_name: str, alias: str = "champion", rule:
     None (alias untouched) when no version is a candidate (all partial)."""
     if rule != "mean_primary":
         raise ValueError(f"unknown selection rule {rule!r} (known: mean_primary)")
-    versions = client.search_model_versions(f"name = '{model_name}'")
+    versions = client.search_model_versions(f"name = {filter_value(model_name)}")
     if not versions:
         raise ValueError(f"registered model {model_name!r} has no versions")
     candidates = [v for v in versions if v.run_id and not _is_partial(v)]

@@ -11,7 +11,8 @@ An export is a folder or an s3:// prefix:
     model.safetensors.index.json           {"metadata": {"total_size"}, "weight_map": {key: shard}}
     tokenizer.json, tokenizer_config.json  tokenizer.save_pretrained output, at the root (if a tokenizer)
     manifest.json                          written LAST: stage, config, keys {name: shape}, the caller's
-                                           extra fields, files {name: {size, sha256}}, tokenizer_files
+                                           extra fields (credentials in their strings masked),
+                                           files {name: {size, sha256}}, tokenizer_files
 
 Writing: an existing manifest.json is deleted first, then every file is written once, straight to its
 final name or key (`storage.write_bytes`: one PUT or multipart upload on S3, whose completion is
@@ -40,6 +41,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from xsam.data import storage
+from xsam.logs import UserError
 from xsam.model.config import XSAMConfig
 from xsam.model.hf_config import MODEL_TYPE  # importing it registers model_type "xsam" with AutoConfig
 from xsam.model.tokenizer import SPECIAL_TOKENS, token_id
@@ -54,8 +56,9 @@ _SHARD_METADATA = {"format": "pt"}
 _RESERVED = ("stage", "config", "keys", "files", "tokenizer_files")
 
 
-class ExportError(ValueError):
-    """An incomplete or inconsistent export; the message names the missing or wrong file / key."""
+class ExportError(UserError):
+    """An incomplete or inconsistent export; the message names the missing or wrong file / key. A
+    UserError (a ValueError): a command given such an export answers with that one line."""
 
 
 def shard_name(k: int, n: int) -> str:
@@ -198,11 +201,25 @@ def write_export(location: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         put(name, data)
 
     manifest = {"stage": stage, "config": cfg.to_dict(), "keys": {k: list(v.shape) for k, v in sorted(tensors.items())},
-                **extra, "files": files, "tokenizer_files": sorted(tok_files)}
+                **_redacted(extra), "files": files, "tokenizer_files": sorted(tok_files)}
     data = _json_bytes(manifest)
     storage.write_bytes(storage.join(location, MANIFEST), data)
     result.files[MANIFEST] = len(data)
     return result
+
+
+def _redacted(value):
+    """`value` (the caller's manifest fields: JSON-like) with every string through xsam.logs.redact: an
+    export travels further than its run, and a training config's tracking URI may carry a password."""
+    from xsam.logs import redact
+
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- loading

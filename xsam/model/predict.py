@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from xsam.logs import UserError, cli_errors
 from xsam.model import label_chunks, postprocess
 from xsam.model.batching import Example, collate_raw, text_budget
 from xsam.model.preprocess import scaled_size
@@ -77,7 +78,7 @@ def _categories(prompt: str | list[str] | None) -> list[str]:
     names = prompt.split(",") if isinstance(prompt, str) else list(prompt or [])
     names = [n.strip() for n in names if n.strip()]
     if not names:
-        raise ValueError("this task needs a prompt listing categories, e.g. 'person,sky,grass'")
+        raise UserError("this task needs a prompt listing categories (--prompt 'person,sky,grass'); got none")
     return names
 
 
@@ -156,21 +157,42 @@ def _generic_passes(model: XSAM, tokenizer, image: np.ndarray, names: list[str])
     return logits[None], masks[None]
 
 
+GENERIC = (PredictTask.panoptic, PredictTask.semantic, PredictTask.instance)
+PHRASE = (PredictTask.referring, PredictTask.reasoning, PredictTask.gres)
+VISUAL = (PredictTask.interactive, PredictTask.vgd)
+
+
+def check_request(req: Request, size: tuple[int, int]) -> None:
+    """UserError naming what a request lacks for an image of `size` (H, W): categories (panoptic /
+    semantic / instance), a phrase (referring / reasoning / gres), prompt masks [R, H, W] (interactive /
+    vgd). Cheap: `predict` calls it, and the command line before it loads a model."""
+    task, (h, w) = req.task, size
+    if task in GENERIC:
+        _categories(req.prompt)
+    elif task in PHRASE and not req.prompt:
+        raise UserError(f"{task.value} needs a phrase or question as prompt (--prompt); got none")
+    elif task in VISUAL:
+        pm = req.prompt_masks
+        if pm is None or len(pm) == 0:
+            raise UserError(f"{task.value} needs prompt_masks [R, {h}, {w}] (--prompt-masks: a .npy of R masks "
+                            f"at the image's size); got none")
+        if pm.ndim != 3 or tuple(pm.shape[1:]) != (h, w):
+            raise UserError(f"{task.value}: prompt_masks of shape {list(pm.shape)}; they must be [R, {h}, {w}] "
+                            f"(R masks at the image's size {h}x{w})")
+
+
 def passes(cfg, tokenizer, image: np.ndarray, req: Request) -> Passes:
     """The teacher-forced passes of a segmentation request (every task but GCG, see `gcg_passes`)."""
     task, (h, w) = req.task, image.shape[:2]
-    if task in (PredictTask.panoptic, PredictTask.semantic, PredictTask.instance):
+    check_request(req, (h, w))
+    if task in GENERIC:
         return generic_passes(cfg, tokenizer, image, _categories(req.prompt))
-    if task in (PredictTask.referring, PredictTask.reasoning, PredictTask.gres):
-        if not req.prompt:
-            raise ValueError(f"{task.value} needs a phrase or question as prompt")
+    if task in PHRASE:
         ex = Example(image, [(with_image(phrase_question(task, str(req.prompt), req.is_sentence)),
                               referring_answer(0))], np.zeros((1, h, w), bool), [0])
         return Passes([ex], DecodeMode.per_phrase)
-    if task in (PredictTask.interactive, PredictTask.vgd):
+    if task in VISUAL:
         pm = req.prompt_masks
-        if pm is None or len(pm) == 0:
-            raise ValueError(f"{task.value} needs prompt_masks [R, H, W]")
         question = interactive_question(0) if len(pm) == 1 else vgd_question(len(pm), 0)
         ex = Example(image, [(with_image(question), seg_answer(0))], np.zeros((0, h, w), bool), [],
                      region_masks=pm.astype(bool))
@@ -314,7 +336,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no GPU is visible to this process")
+        raise UserError(f"--device {device}: no GPU is visible to this process")
     return device
 
 
@@ -325,7 +347,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)} or auto")
+        raise UserError(f"dtype {dtype!r}: one of {', '.join(DTYPES)} or auto")
     return DTYPES[dtype]
 
 
@@ -350,19 +372,43 @@ def load_for_inference(checkpoint: str | Path, tokenizer: str | Path | None = No
     add_special_tokens(tok)
     state, manifest = load_export(checkpoint)
     if manifest.get("stage") != S3.name:  # an S1 / S2 export has untrained parts every task goes through
-        raise ValueError(f"{checkpoint}: a stage {manifest.get('stage')} export; predict and evaluate need a stage "
+        raise UserError(f"{checkpoint}: a stage {manifest.get('stage')} export; predict and evaluate need a stage "
                          f"{S3.name} export (every task runs the LLM, the projectors and the segmentor trained in S3)")
     cfg = XSAMConfig.from_dict(manifest["config"])
     model = build_model(cfg, S3.parts, len(tok))
     missing = sorted({k.split(".", 1)[0] for k in model.state_dict()} - {k.split(".", 1)[0] for k in state})
     if missing:
-        raise ValueError(f"{checkpoint}: the export lacks the parts {missing} that prediction needs")
+        raise UserError(f"{checkpoint}: the export lacks the parts {missing} that prediction needs")
     load_stage_state(model, state)
     del state
     model.special_ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     model.siglip_pad_square = EVAL_SIGLIP_PAD_SQUARE  # the processor settings come with the export's config
     model.requires_grad_(False)
     return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file -> [H, W, 3] uint8 RGB; UserError naming the file when it is missing or not an image."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on a read-only array
+    except FileNotFoundError:
+        raise UserError(f"--image {path}: no such file") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated data
+        raise UserError(f"--image {path}: not a readable image ({e})") from None
+
+
+def read_prompt_masks(path: str | Path) -> np.ndarray:
+    """A .npy of [R, H, W] masks -> a bool array; UserError naming the file when it cannot be read."""
+    try:
+        masks = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--prompt-masks {path}: no such file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"--prompt-masks {path}: not a .npy array ({e})") from None
+    if masks.dtype.kind not in "biu":
+        raise UserError(f"--prompt-masks {path}: dtype {masks.dtype}; masks are bool (or 0/1 integers)")
+    return masks.astype(bool)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,11 +423,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="parameters and activations: bf16 | fp32 (auto: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("-v", "--verbose", action="store_true", help="a traceback with every error")
     args = p.parse_args(argv)
-    model, tok = load_for_inference(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype)
-    image = np.asarray(Image.open(args.image).convert("RGB"))
-    prompt_masks = np.load(args.prompt_masks) if args.prompt_masks else None
-    pred = predict(model, tok, image, args.task, args.prompt, prompt_masks)
+    with cli_errors("predict", "verbose" if args.verbose else "normal"):
+        # the inputs first (cheap), then the model: a mistake is answered before minutes of loading
+        image = read_image(args.image)
+        prompt_masks = read_prompt_masks(args.prompt_masks) if args.prompt_masks else None
+        check_request(Request(args.task, args.prompt, prompt_masks), image.shape[:2])
+        if not Path(args.out).resolve().parent.is_dir():
+            raise UserError(f"--out {args.out}: the folder {Path(args.out).resolve().parent} does not exist")
+        model, tok = load_for_inference(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype)
+        pred = predict(model, tok, image, args.task, args.prompt, prompt_masks)
     overlay(image, pred).save(args.out)
     print(json.dumps({"task": pred.task.value, "labels": pred.labels, "scores": [round(s, 4) for s in pred.scores],
                       "areas": [int(m.sum()) for m in pred.masks], "text": pred.text, "overlay": args.out}))

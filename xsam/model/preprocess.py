@@ -213,8 +213,8 @@ def frame_mask_list(masks: Sequence[Tensor | None], size: int) -> list[Tensor | 
 
 # --------------------------------------------------------------------------- numpy entry points (CPU)
 def image_tensor(image: np.ndarray) -> Tensor:
-    """[H, W, 3] uint8 RGB -> [3, H, W] uint8 (a view, no copy)."""
-    return torch.from_numpy(image).permute(2, 0, 1)
+    """[H, W, 3] uint8 RGB -> [3, H, W] uint8 (a view; a copy only of a read-only array, which torch cannot view)."""
+    return torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
 
 
 def image_views(image: np.ndarray, siglip_size: int, sam_size: int, *,

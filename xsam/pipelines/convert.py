@@ -2,20 +2,25 @@
 
     python pipelines/convert.py --registry datasets_registry --validate-only
     python pipelines/convert.py --registry datasets_registry [--datasets a,b] --data-root /data --output s3://bucket/shards
+    python pipelines/convert.py --verify --output s3://bucket/shards
 
 Each shard is one Ray Data task (read images and masks, check them, encode RLE, write the tar
 under a temporary name, rename, write its commit record); the driver writes each split's
-quarantine.jsonl and, last, its manifest.json. Exit status: 0 when every split converted or was
-up to date, 1 when a split failed (the others still convert), 2 for an invalid registry.
+quarantine.jsonl and, last, its manifest.json. A shard task whose worker dies is retried
+`SHARD_TASK_RETRIES` times, then its split fails naming the shard's samples; the others finish.
+Exit status: 0 when every split converted or was up to date, 1 when a split failed (the others
+still convert) or `--verify` found a bad shard, 2 for an invalid registry.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import pickle
 import sys
-from typing import Iterable
+import warnings
+from collections.abc import Iterable
 
 from xsam import logs
 from xsam.data.convert import (
@@ -29,6 +34,9 @@ from xsam.data.convert import (
 )
 from xsam.data.readers.base import ConvertSettings
 from xsam.data.registry import load_registry
+from xsam.data.verify import verify_tree
+
+SHARD_TASK_RETRIES = 2  # re-runs of a shard task whose worker died (Ray's default for Ray Data is forever)
 
 
 def _run_shard(row: dict) -> dict:
@@ -37,7 +45,10 @@ def _run_shard(row: dict) -> dict:
 
 
 def ray_executor(specs: list[ShardSpec]) -> Iterable[ShardResult]:
-    """Run shard tasks as a Ray Data job: one block (one task) per shard, results streamed back."""
+    """Run shard tasks as a Ray Data job: one block (one task) per shard, results streamed back.
+
+    A task whose worker dies is retried SHARD_TASK_RETRIES times (`max_retries`), then its block is
+    dropped (`max_errored_blocks=-1`: the other shards go on) and an error result names its samples."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -46,9 +57,22 @@ def ray_executor(specs: list[ShardSpec]) -> Iterable[ShardResult]:
     # holds back the ramp-up (measured on 2 CPUs: the second task started 1.5 s late and every
     # task waited ~0.2 s for a slot), so let the shard tasks take every CPU at once.
     ctx.op_resource_reservation_enabled = False
+    ctx.max_errored_blocks = -1
     ds = ray.data.from_items([{"spec": pickle.dumps(s)} for s in specs], override_num_blocks=len(specs))
-    for row in ds.map(_run_shard, num_cpus=1).iter_rows():
-        yield ShardResult.from_json(row["result"])
+    with warnings.catch_warnings():
+        # max_retries has no named parameter in Ray Data yet; the generic remote args are deprecated for one
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        mapped = ds.map(_run_shard, num_cpus=1, max_retries=SHARD_TASK_RETRIES)
+    reported = set()
+    for row in mapped.iter_rows():
+        result = ShardResult.from_json(row["result"])
+        reported.add(result.name)
+        yield result
+    for spec in specs:
+        if spec.name not in reported:
+            yield ShardResult(name=spec.name, fingerprint=spec.fingerprint, error=(
+                f"its Ray task failed {SHARD_TASK_RETRIES + 1} times (the worker died: a crash or out of memory "
+                f"outside the per-sample guards; Ray's log has the cause); its {spec.samples()}"))
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -66,7 +90,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--registry", required=True, help="registry folder or one YAML file")
+    p.add_argument("--registry", help="registry folder or one YAML file (required unless --verify)")
     p.add_argument("--datasets", help="comma-separated dataset names (default: every entry)")
     p.add_argument("--data-root", default=os.environ.get("XSAM_DATA_ROOT", "data"),
                    help="where relative source paths start: a folder or s3:// URI (env XSAM_DATA_ROOT)")
@@ -76,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_BYTES)
     p.add_argument("--max-pixels", type=int, default=ConvertSettings.max_pixels,
                    help="images above this many pixels are quarantined as decompression bombs")
-    p.add_argument("--full-decode", action="store_true", help="decode every image to catch inner corruption")
+    p.add_argument("--quick-decode", action="store_true",
+                   help="check images by their headers only instead of decoding each in full (faster, "
+                        "misses corruption inside the pixel data)")
+    p.add_argument("--allow-shrink", action="store_true",
+                   help="accept a split whose good samples fall below half of its previous conversion's")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard under --output against its manifest (size, sha256) and exit")
     p.add_argument("--force", action="store_true", help="rebuild even if a split is up to date")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
@@ -88,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, report=print) -> tuple[int, list[SplitOutcome]]:
     """Validate or convert; per-split lines and the total go to `report` (the CLI prints them; the workflow
     passes a DEBUG logger and reports the total itself). Failures always go to stderr."""
+    if args.verify:
+        return _verify(args, report), []
+    if not args.registry:
+        print("--registry is required", file=sys.stderr)
+        return 2, []
     entries, problems = load_registry(args.registry)
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
@@ -111,7 +146,8 @@ def run(args: argparse.Namespace, report=print) -> tuple[int, list[SplitOutcome]
             print(f"unknown dataset(s): {', '.join(unknown)}", file=sys.stderr)
             return 2, []
         selected = [entries[d] for d in wanted]
-    settings = ConvertSettings(max_pixels=args.max_pixels, full_decode=args.full_decode)
+    settings = ConvertSettings(max_pixels=args.max_pixels, full_decode=not args.quick_decode,
+                               allow_shrink=args.allow_shrink)
     if args.serial:
         from xsam.data.convert import serial_executor as executor
     else:
@@ -130,7 +166,23 @@ def run(args: argparse.Namespace, report=print) -> tuple[int, list[SplitOutcome]
     return (1 if failed else 0), outcomes
 
 
+def _verify(args: argparse.Namespace, report) -> int:
+    if not args.output:
+        print("--verify needs --output (the converted tree to check)", file=sys.stderr)
+        return 2
+    checked, bad = verify_tree(args.output)
+    for problem in bad:
+        print(f"[verify] BAD {problem}", file=sys.stderr)
+    report(f"[verify] {checked} shard(s) checked, {len(bad)} bad; tree {args.output}")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if not faulthandler.is_enabled():
+        try:  # a crash in native code (a decoder, the rasteriser) prints where it happened
+            faulthandler.enable()
+        except (OSError, ValueError):  # io.UnsupportedOperation: stderr without a file descriptor
+            pass
     args = build_parser().parse_args(argv)
     # a standalone conversion keeps Ray Data's progress bars (its progress display); the rest as logs.setup
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")

@@ -107,6 +107,9 @@ def discover_benchmarks(shards: str, names: list[str] | None, seed: int):
         m = split_manifest(shards, dataset, split)
         if m is None:
             raise FileNotFoundError(f"benchmark {name}: no manifest under {shards} (convert it first)")
+        if m.num_samples == 0 and (names or m.role == "eval"):
+            raise ValueError(f"benchmark {name}: the converted split has no sample (its manifest lists 0): "
+                             f"nothing to evaluate; drop it from --benchmarks or reconvert it")
         if names or m.role == "eval":
             if Task(m.task) is Task.chat:
                 continue
@@ -163,13 +166,13 @@ def start_run(client, experiment_id: str, checkpoint: str, benches, seed: int, f
 
     manifest = read_export_manifest(checkpoint)
     run = client.create_run(experiment_id, run_name=f"eval {Path(checkpoint.rstrip('/')).parent.name}", tags={
-        "xsam.kind": "evaluation", "xsam.checkpoint": checkpoint, "xsam.code_version": code_version(),
+        "xsam.kind": "evaluation", "xsam.checkpoint": logs.redact(checkpoint), "xsam.code_version": code_version(),
         "xsam.seed": str(seed), "xsam.train_data_fingerprint": str(manifest.get("data_fingerprint")),
         **{f"xsam.primary.{b.name}": b.primary for b in benches},
         **{f"xsam.eval_data.{name}": fp for name, fp in fingerprints.items()},
         **({PARENT_TAG: parent_run} if parent_run else {}), **(extra_tags or {})})
     rid = run.info.run_id
-    client.log_param(rid, "checkpoint", checkpoint)
+    client.log_param(rid, "checkpoint", logs.redact(checkpoint))
     client.log_param(rid, "benchmarks", ",".join(b.name for b in benches))
     if manifest.get("train_config"):
         client.log_dict(rid, manifest["train_config"], "lineage/train_config.json")
@@ -308,7 +311,7 @@ def run(argv: list[str] | None = None):
             del pending[checkpoint]
             run_ids.append(run_id)
             version = register_checkpoint(client, args.model_name, model_uri, run_id,
-                                          {"xsam.checkpoint": checkpoint, **partial}, model_id=model_id)
+                                          {"xsam.checkpoint": logs.redact(checkpoint), **partial}, model_id=model_id)
             summary = {b.name: round(results[b.name][0].get(b.primary, float("nan")), 3) for b in benches}
             scored = [v for v in summary.values() if not math.isnan(v)]
             log.info(f"[evaluate] version {version} <- {checkpoint}: mean primary "
@@ -332,7 +335,8 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(argv)
+    with logs.cli_errors("evaluate"):  # a bad checkpoint / export: one line naming it, exit 2
+        run(argv)
     return 0
 
 

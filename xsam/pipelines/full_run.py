@@ -116,10 +116,12 @@ def comparison(client, model_name: str, found: list[dict], workflow_run: str) ->
     """Tag each candidate's registered version with its lineage and build the candidates x benchmarks table
     (primary metrics) from the registry: the same table whether the evaluate step ran or was skipped."""
     from xsam.eval.selection import metric_key
+    from xsam.logs import redact
+    from xsam.tracking import filter_value
 
-    by_export = {c["export"]: c for c in found}
+    by_export = {redact(c["export"]): c for c in found}  # the versions' xsam.checkpoint tags are redacted
     rows, benchmarks = [], set()
-    for v in client.search_model_versions(f"name = '{model_name}'"):
+    for v in client.search_model_versions(f"name = {filter_value(model_name)}"):
         cand = by_export.get((v.tags or {}).get("xsam.checkpoint"))
         if cand is None:
             continue
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.drain_ray()  # the workers' last lines before the summary, never after it
     wall = time.perf_counter() - t_start
-    print("\n[full_run] done in {:.0f}s".format(wall))
+    print(f"\n[full_run] done in {wall:.0f}s")
     print(f"  data:        {shards} ({sum(converted['samples'].values())} samples in {len(converted['samples'])} splits)")
     for stage in STAGES:
         print(f"  {stage}:          {exports[stage]} ({summary[stage]['status']})")
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
           "primary metric per benchmark:")
     for line in format_comparison(table):
         print(f"    {line}")
-    print(f"  MLflow:      {s1.mlflow_uri} experiment {s1.mlflow_experiment!r}, workflow run {wid}")
+    print(f"  MLflow:      {logs.redact(s1.mlflow_uri)} experiment {s1.mlflow_experiment!r}, workflow run {wid}")
     # read back from the registry (also when the evaluate step was skipped: no stale champion)
     from xsam.eval.selection import current_alias
 

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages when installed)
 
 
+# The non-secret S3 settings handed to the training workers (see run()); credentials are not among them.
+WORKER_S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
 class RaySession:
     """The recipe's view of Ray Train: rank, metrics + checkpoint reporting, the last checkpoint."""
 
@@ -140,13 +144,13 @@ def start_mlflow_run(cfg: TrainConfig, fingerprint: str) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from xsam.tracking import PARENT_TAG, experiment_id
+    from xsam.tracking import PARENT_TAG, experiment_id, filter_value, redacted_params
     from xsam.train.shard_index import ShardIndex
 
     client = MlflowClient(cfg.mlflow_uri)
     exp_id = experiment_id(client, cfg.mlflow_experiment, cfg.mlflow_uri)
-    existing = client.search_runs([exp_id], f"tags.`xsam.run_name` = '{cfg.name}' and attributes.status != 'FINISHED'",
-                                  max_results=1)
+    existing = client.search_runs(
+        [exp_id], f"tags.`xsam.run_name` = {filter_value(cfg.name)} and attributes.status != 'FINISHED'", max_results=1)
     if existing:  # a resumed run keeps logging to its MLflow run
         return existing[0].info.run_id
     tags = {"xsam.kind": "training", "xsam.run_name": cfg.name, "xsam.stage": cfg.stage,
@@ -155,8 +159,8 @@ def start_mlflow_run(cfg: TrainConfig, fingerprint: str) -> str:
     if cfg.mlflow_parent_run_id:
         tags[PARENT_TAG] = cfg.mlflow_parent_run_id  # flat runs; the workflow run named in a tag
     run = client.create_run(exp_id, run_name=cfg.name, tags=tags)
-    for key, value in cfg.to_dict().items():
-        client.log_param(run.info.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
+    for key, value in redacted_params(cfg.to_dict()).items():  # the tracking URI's credentials masked
+        client.log_param(run.info.run_id, key, value)
     manifests = ShardIndex.read_manifests(cfg.shards, [tuple(d.split("/", 1)) for d in cfg.datasets])
     mix = [Param(k, v) for k, v in mixture_params(manifests, cfg.balance_t).items()]
     for i in range(0, len(mix), 100):  # log_batch takes at most 100 params
@@ -222,9 +226,11 @@ def run(cfg: TrainConfig):
         env["DS_ACCELERATOR"] = "cpu"
     else:  # the CUDA caching allocator grows segments instead of fragmenting on variable-size batches
         env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    # Where S3 is, never who may read it: a runtime_env's env_vars are written in clear to Ray's session
+    # logs (runtime_env_agent.log). Credentials reach workers from their node: a local Ray's workers
+    # inherit this process's environment (and ~/.aws), a cluster node has its instance role
+    # (ray_cluster.yaml) or the Kubernetes Secret in its pod spec (infra/kuberay).
+    env.update({key: os.environ[key] for key in WORKER_S3_SETTINGS if key in os.environ})
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -240,7 +246,7 @@ def run(cfg: TrainConfig):
         from mlflow import MlflowClient
 
         client = MlflowClient(cfg.mlflow_uri)
-        client.set_tag(cfg.mlflow_run_id, "xsam.export", cfg.export_dir)
+        client.set_tag(cfg.mlflow_run_id, "xsam.export", logs.redact(cfg.export_dir))
         client.set_terminated(cfg.mlflow_run_id, "FINISHED")
     return result
 
@@ -290,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
              f"output {cfg.output}")
     log.debug("[train] resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
-        result = run(cfg)
+        with logs.cli_errors("train"):  # a UserError (a bad export in init_from, ...): one line, exit 2
+            result = run(cfg)
     except RunConflict as e:
         print(f"[train] error: {e}", file=sys.stderr)
         return 2

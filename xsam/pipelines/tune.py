@@ -19,19 +19,24 @@ from pathlib import Path
 from xsam import logs
 
 
-def trial(config: dict) -> None:
+def trial(config: dict, base: dict | None = None, tracking_uri: str | None = None,
+          overrides: tuple[str, ...] = ()) -> None:
     """One Tune trial: train S3 with the trial's settings, then score the export (standalone sweep), or,
-    in the workflow (`config["base"]`: the S3 config the workflow built), train only and report the
-    export: the workflow's evaluation DAG scores every trial as a selection candidate."""
+    in the workflow (`base`: the S3 config the workflow built), train only and report the export: the
+    workflow's evaluation DAG scores every trial as a selection candidate.
+
+    `config` is the grid point and what Tune may show (it writes it to each trial's params.json and
+    MLflowLoggerCallback logs it as params); `base`, `tracking_uri` and `overrides` may carry the tracking
+    URI's credentials, so they reach the trial through tune.with_parameters (Ray's object store), not
+    the config."""
     import ray.tune
 
     from xsam.pipelines.train import run as train_run
     from xsam.train.config import TrainConfig, load_profile, profile_path
 
     trial_id = ray.tune.get_context().get_trial_id()
-    if config.get("base"):
-        point = {k: config[k] for k in config["grid_keys"]}
-        base = config["base"]
+    if base is not None:
+        point = dict(config)
         cfg = TrainConfig(**{**base, **point, "run_name": f"{base['run_name']}-{trial_id}", "export": None})
         result = train_run(cfg)
         ray.tune.report({"loss": float(result.metrics.get("loss/total", float("nan"))),
@@ -41,11 +46,10 @@ def trial(config: dict) -> None:
     from xsam.pipelines.evaluate import EvalWorker, discover_benchmarks
 
     name = f"tune-{trial_id}"
-    overrides = [f"lr={config['lr']}", f"balance_t={config['balance_t']}", f"run_name={name}",
-                 f"mlflow_uri={config['tracking_uri']}", f"mlflow_experiment={config['experiment']}-trials"]
-    overrides += [f"max_steps={config['max_steps']}"] if config.get("max_steps") else []
-    overrides += config.get("overrides", [])
-    cfg = load_profile(profile_path(config["profile"]), "s3", overrides).with_absolute_paths(config["cwd"])
+    settings = [f"lr={config['lr']}", f"balance_t={config['balance_t']}", f"run_name={name}",
+                f"mlflow_uri={tracking_uri}", f"mlflow_experiment={config['experiment']}-trials"]
+    settings = [*settings, f"max_steps={config['max_steps']}"] if config.get("max_steps") else settings
+    cfg = load_profile(profile_path(config["profile"]), "s3", [*settings, *overrides]).with_absolute_paths(config["cwd"])
     train_run(cfg)
     benches = discover_benchmarks(cfg.shards, config["benchmarks"], config.get("seed", 0))
     worker = EvalWorker(cfg.export_dir, cfg.shards)
@@ -68,9 +72,8 @@ def run_sweep(base: dict, grid: dict[str, list], storage: str, max_concurrent_tr
     from ray import tune
 
     space = {k: tune.grid_search(list(v)) for k, v in grid.items()}
-    space.update({"base": base, "grid_keys": sorted(grid)})
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"cpu": 0.01}), param_space=space,
+        tune.with_resources(tune.with_parameters(trial, base=base), {"cpu": 0.01}), param_space=space,
         tune_config=tune.TuneConfig(metric="loss", mode="min", max_concurrent_trials=max_concurrent_trials),
         run_config=tune.RunConfig(name=f"{base['run_name']}-sweep", storage_path=storage,
                                   verbose=1 if logs.current() == logs.VERBOSE else 0))
@@ -141,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     space = {"lr": tune.grid_search([float(x) for x in args.lr.split(",")]),
              "balance_t": tune.grid_search([float(x) for x in args.balance_t.split(",")]),
              "profile": args.profile, "benchmarks": args.benchmarks.split(","), "max_steps": args.max_steps,
-             "max_samples": args.max_samples, "tracking_uri": uri, "experiment": args.experiment,
-             "cwd": os.getcwd(), "overrides": args.overrides}
+             "max_samples": args.max_samples, "experiment": args.experiment, "cwd": os.getcwd()}
+    # the URI and the overrides may hold credentials: passed beside the config, never in it (see trial)
+    private = tune.with_parameters(trial, tracking_uri=uri, overrides=tuple(args.overrides))
     # the trial itself only orchestrates: its TorchTrainer asks for the training CPUs
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"cpu": 0.01}), param_space=space,
+        tune.with_resources(private, {"cpu": 0.01}), param_space=space,
         tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=args.num_samples,
                                     max_concurrent_trials=1),
         run_config=tune.RunConfig(name=args.experiment, storage_path=str(Path(args.storage).resolve()),

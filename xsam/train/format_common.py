@@ -3,15 +3,14 @@ lazy mask decoding and the first-turn image prefix (see `xsam.train.formatting` 
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from xsam.data import masks as mask_codec
 from xsam.data.expansion import MARKER_RE, clean
+from xsam.data.images import UndecodableImage, decode_to_rgb
 from xsam.data.schema import Sample, Segment, Task
 from xsam.model import templates as T
 from xsam.model.batching import Example
@@ -33,9 +32,15 @@ class Formatted:
 
 # --------------------------------------------------------------------------- helpers
 def decode_image(data: bytes, sample: Sample | None = None) -> np.ndarray:
-    """Stored bytes -> [H, W, 3] uint8 RGB, no EXIF transpose; checks the size against the record."""
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.array(im.convert("RGB"))  # writable (torch.from_numpy downstream)
+    """Stored bytes -> [H, W, 3] uint8 RGB, no EXIF transpose (16-bit grey scaled, `xsam.data.images`);
+    checks the size against the record. Bytes that do not decode raise UndecodableImage naming the
+    sample (the loader replaces such a sample, see `xsam.train.loader`)."""
+    try:
+        arr = decode_to_rgb(data)  # writable (torch.from_numpy downstream)
+    except UndecodableImage as e:
+        if sample is None:
+            raise
+        raise UndecodableImage(f"{sample.dataset}/{sample.provenance.source_id}: {e}") from e.__cause__
     if sample is not None and arr.shape[:2] != (sample.image.height, sample.image.width):
         raise ValueError(f"{sample.dataset}/{sample.provenance.source_id}: image is {arr.shape[1]}x{arr.shape[0]}"
                          f" but the record says {sample.image.width}x{sample.image.height}")

@@ -17,6 +17,14 @@ would have produced, and the same position never gets the same draw twice.
 format_fn(sample, image_bytes, rng) -> list of formatted items (a sample may give several, e.g.
 referring chunks); collate_fn(items) -> batch.
 
+Replacement. A sample that formats to nothing (e.g. only crowd regions), or whose stored image does
+not decode (`UndecodableImage`: corrupt data behind a valid header, in shards converted without a
+full decode), is replaced by the next sample of its dataset in index order (i + 1, i + 2, ...), read
+with the rng of its slot plus the attempt number. The replacement depends only on (seed, epoch,
+position, index): every run and every resume picks the same one, and each rank still fills its whole
+batch, so no rank raises while the others wait at the next collective. An undecodable image is
+logged once per loader (a WARNING naming the sample key and its shard).
+
 Prefetch: with `prefetch > 0` a pool of `threads` background threads builds up to `prefetch`
 whole batches ahead (one batch per thread at a time: give prefetch >= threads); batches are handed
 out in schedule order regardless of which finishes first, so the output is identical with or without
@@ -39,6 +47,8 @@ theirs.)
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,8 +57,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from xsam.data.images import UndecodableImage
 from xsam.train.sampling import Schedule
 from xsam.train.shard_index import ShardIndex
+
+log = logging.getLogger(__name__)
 
 Position = tuple[int, int]  # (epoch, step)
 
@@ -77,6 +90,8 @@ class Loader:
         self.threads = max(1, threads)
         self.torch_threads = max(1, torch_threads)
         self._next = self._normalise(tuple(start))
+        self._undecodable: set[str] = set()  # keys already logged (build runs in several threads)
+        self._undecodable_lock = threading.Lock()
 
     # ------------------------------------------------------------ positions
 
@@ -112,18 +127,32 @@ class Loader:
         refs = self.index.refs[gb.dataset]
         items: list = []
         for slot, i in enumerate(gb.indices[self.rank * b:(self.rank + 1) * b]):
-            # a sample with nothing to learn from (e.g. only crowd regions) formats to []: take the next
-            # sample of the same dataset instead, deterministically, so every rank still fills its batch
+            # a sample with nothing to learn from (e.g. only crowd regions) formats to [], one whose image
+            # does not decode raises: take the next sample of the same dataset instead, deterministically,
+            # so every rank still fills its batch (module docstring: Replacement)
             for attempt in range(len(refs)):
-                sample, image = self.index.read(refs[(i + attempt) % len(refs)])
+                ref = refs[(i + attempt) % len(refs)]
+                sample, image = self.index.read(ref)
                 rng = np.random.default_rng([self.seed, epoch, first + slot] + ([attempt] if attempt else []))
-                formatted = self.format_fn(sample, image, rng)
+                try:
+                    formatted = self.format_fn(sample, image, rng)
+                except UndecodableImage as e:
+                    self._log_undecodable(ref, e)
+                    continue
                 if formatted:
                     items.extend(formatted)
                     break
             else:
                 raise ValueError(f"{gb.dataset}: no sample of the dataset gives a training example")
         return gb.dataset, self.collate_fn(items)
+
+    def _log_undecodable(self, ref, error: UndecodableImage) -> None:
+        with self._undecodable_lock:
+            if ref.key in self._undecodable:
+                return
+            self._undecodable.add(ref.key)
+        log.warning("rank %d: sample %s (shard %s) has an image that does not decode, replaced by the next "
+                    "sample of %s wherever it is drawn: %s", self.rank, ref.key, ref.shard, ref.dataset, error)
 
     # ------------------------------------------------------------ iteration
 

@@ -15,6 +15,9 @@ How the headers are walked (`headers=`):
   The member data flows through and is dropped. On an object store this is one GET per shard at
   full bandwidth instead of two small ranged GETs per sample (a 10k-sample shard would be 20k
   round trips of ~20 ms each); it costs the shard's size in transfer, once.
+With `verify` (the default) every walked shard is read in full as a stream and its size and sha256
+must equal its manifest's: a damaged shard fails the build naming it (`DamagedShard`), it never
+trains. A split with no sample (an `allow_empty` split) is refused (`EmptySplit`), naming it.
 Shards are walked in parallel (`threads`), and only once per split: the index of a split is stored
 beside its manifest as `index-<sha256 of manifest.json>.bin` (`xsam/train/index_cache.py`)
 and a (re)start reads that one small file instead of the shards. A changed manifest has another
@@ -35,9 +38,43 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from xsam.data import expansion, storage
-from xsam.data.schema import Sample
 from xsam.data.label_spaces import LabelSpaces
-from xsam.data.shards import Manifest, manifest_location, old_layout_error, sample_members, split_dir
+from xsam.data.schema import Sample
+from xsam.data.shards import (
+    Manifest,
+    ShardInfo,
+    manifest_location,
+    old_layout_error,
+    sample_members,
+    split_dir,
+)
+
+
+class DamagedShard(ValueError):
+    """A shard whose bytes differ from what its manifest records: reconvert its split."""
+
+
+class EmptySplit(ValueError):
+    """A converted split with no sample: nothing to train or evaluate on."""
+
+
+class _HashingStream:
+    """Read-only file-like wrapper counting and hashing what is read through it."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n) if n is not None and n >= 0 else self.raw.read()
+        self.sha.update(data)
+        self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(8 << 20):
+            pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +92,16 @@ class SampleRef:
     key: str
 
 
-def _walk_shard(location: str, dataset: str, split: str, headers: str) -> list[SampleRef]:
-    """Tar headers of one shard -> SampleRefs in member order (= key order)."""
+def _walk_shard(location: str, dataset: str, split: str, headers: str,
+                expect: ShardInfo | None = None) -> list[SampleRef]:
+    """Tar headers of one shard -> SampleRefs in member order (= key order). With `expect`, the whole
+    shard is read as a stream and its size and sha256 checked against it (DamagedShard)."""
     fs, path = storage.resolve(location)
-    if headers == "seek":
+    hashed = None
+    if expect is not None:
+        hashed = _HashingStream(fs.open_input_stream(path))
+        f, mode = hashed, "r|"
+    elif headers == "seek":
         f, mode = fs.open_input_file(path), "r:"
     elif headers == "stream":
         f, mode = fs.open_input_stream(path), "r|"
@@ -66,7 +109,7 @@ def _walk_shard(location: str, dataset: str, split: str, headers: str) -> list[S
         raise ValueError(f"headers must be 'seek' or 'stream', not {headers!r}")
     members: dict[str, dict[str, tuple[int, int]]] = {}
     order: list[str] = []
-    with f, tarfile.open(fileobj=f, mode=mode) as tar:
+    with (hashed.raw if hashed is not None else f), tarfile.open(fileobj=f, mode=mode) as tar:
         for m in tar:  # iterating reads the next header; data is skipped (seek) or streamed past
             if not m.isfile():
                 continue
@@ -77,6 +120,12 @@ def _walk_shard(location: str, dataset: str, split: str, headers: str) -> list[S
             if ext in members[key]:
                 raise ValueError(f"{location}: member {m.name} appears twice")
             members[key][ext] = (m.offset_data, m.size)
+        if hashed is not None:
+            hashed.drain()
+    if hashed is not None and (hashed.bytes, hashed.sha.hexdigest()) != (expect.bytes, expect.sha256):
+        raise DamagedShard(f"{location}: damaged shard ({hashed.bytes} bytes, sha256 {hashed.sha.hexdigest()[:16]}...; "
+                           f"its manifest says {expect.bytes} bytes, sha256 {expect.sha256[:16]}...): reconvert "
+                           f"{dataset}/{split} (xsam-convert --datasets {dataset} ...; --verify checks a tree)")
     refs = []
     for key in order:
         parts = members[key]
@@ -107,15 +156,21 @@ class ShardIndex:
 
     @classmethod
     def build(cls, root: str, datasets: list[tuple[str, str]], *, headers: str = "auto", threads: int = 8,
-              cache: bool = True) -> ShardIndex:
+              cache: bool = True, verify: bool = True) -> ShardIndex:
         """Index the converted splits `datasets` [(dataset, split)] under `root` (a folder or s3://).
 
         cache: read each split's stored index when it is there and valid; walk the shards of the
         others and store theirs (best effort: a read-only root only logs a warning).
+        verify: check each walked shard's size and sha256 against the manifest (DamagedShard); a stored
+        index is written only after its shards were checked.
         """
         from xsam.train import index_cache
 
         loaded = _read_manifests(root, datasets)
+        empty = [f"{d}/{s}" for (d, s), (m, _) in loaded.items() if m.num_samples == 0]
+        if empty:
+            raise EmptySplit(f"split(s) {', '.join(empty)} under {root} have no sample (their manifests list 0; "
+                             f"converted with allow_empty or every record quarantined): drop them from the run")
         per_split: dict[tuple[str, str], list[SampleRef]] = {}
         for (dataset, split), (manifest, digest) in loaded.items():
             directory = split_dir(root, dataset, split)
@@ -129,13 +184,14 @@ class ShardIndex:
         for dataset, split in missing:
             per_split[(dataset, split)] = []
             directory = split_dir(root, dataset, split)
-            jobs += [(storage.join(directory, s.name), dataset, split, s.num_samples)
+            jobs += [(storage.join(directory, s.name), dataset, split, s)
                      for s in loaded[(dataset, split)][0].shards]
         with ThreadPoolExecutor(max(1, min(threads, len(jobs) or 1))) as pool:
-            walked = list(pool.map(lambda j: _walk_shard(j[0], j[1], j[2], headers), jobs))
-        for (location, dataset, split, expected), shard_refs in zip(jobs, walked):
-            if len(shard_refs) != expected:
-                raise ValueError(f"{location}: {len(shard_refs)} samples, the manifest says {expected}")
+            walked = list(pool.map(lambda j: _walk_shard(j[0], j[1], j[2], headers, j[3] if verify else None),
+                                   jobs))
+        for (location, dataset, split, info), shard_refs in zip(jobs, walked):
+            if len(shard_refs) != info.num_samples:
+                raise ValueError(f"{location}: {len(shard_refs)} samples, the manifest says {info.num_samples}")
             per_split[(dataset, split)].extend(shard_refs)
         for dataset, split in missing:
             # key order within a split: the writer sorts members within a shard; sort across shards too

@@ -58,8 +58,17 @@ class Plan:
 
 @dataclass(frozen=True)
 class ConvertSettings:
+    """How a conversion runs. `full_decode`: decode every image (catches corruption a header probe
+    misses; `--quick-decode` turns it off). `allow_shrink`: accept a split whose good samples fall below
+    half of its previous conversion's (`--allow-shrink`; not part of the fingerprint)."""
+
     max_pixels: int = DEFAULT_MAX_PIXELS
-    full_decode: bool = False
+    full_decode: bool = True
+    allow_shrink: bool = False
+
+    def fingerprint_fields(self) -> dict:
+        """The settings that change what the shards hold."""
+        return {"max_pixels": self.max_pixels, "full_decode": self.full_decode}
 
 
 class Reader:

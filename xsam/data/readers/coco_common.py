@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, StrictInt, StrictStr, model_validator
 
 from xsam.data.errors import SampleError, SourceError
 from xsam.data.text import clean_text
+
+# An image id is a JSON integer or string, never a float (2000.0) or a boolean (true), which lax
+# validation would turn into another image's id.
+ImageId = StrictInt | StrictStr
 
 
 class CocoCategory(BaseModel):
@@ -18,7 +22,7 @@ class CocoCategory(BaseModel):
 
 
 class CocoImage(BaseModel):
-    id: int | str
+    id: ImageId
     file_name: str
     width: int = Field(gt=0)
     height: int = Field(gt=0)
@@ -38,7 +42,7 @@ class CocoImage(BaseModel):
 
 class CocoAnnotation(BaseModel):
     id: int
-    image_id: int | str
+    image_id: ImageId
     category_id: int
     segmentation: list[Any] | dict[str, Any]
     iscrowd: int = Field(default=0, ge=0, le=1)

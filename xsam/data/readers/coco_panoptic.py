@@ -2,6 +2,9 @@
 
 Also reads ADE20K-150 panoptic (same format) and, with `merge_by_category`, gives the semantic
 view of a panoptic source (one segment per category present, crowd included).
+
+An image listed by two image entries, or by two annotation records, is quarantined on every one of
+them (which image goes with which mask is unknown): never a mask stored against the wrong image.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from xsam.data import masks
 from xsam.data.errors import SampleError, SourceError
 from xsam.data.images import decode_rgb
 from xsam.data.readers.base import Plan, Reader, WorkItem
-from xsam.data.readers.coco_common import CocoImage, parse_categories, require_lists
+from xsam.data.readers.coco_common import CocoImage, ImageId, parse_categories, require_lists
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import Sample, Segment
 from xsam.data.text import clean_text
@@ -39,7 +42,7 @@ class _SegmentInfo(BaseModel):
 
 
 class _Annotation(BaseModel):
-    image_id: int | str
+    image_id: ImageId
     file_name: str
     segments_info: list[_SegmentInfo]
 
@@ -58,13 +61,22 @@ class CocoPanopticReader(Reader):
         if any("isthing" not in c for c in categories):
             raise SourceError("every panoptic category needs isthing", file=file, field="categories")
         known = {c["id"] for c in categories}
-        images = {}
-        for raw in data["images"]:
+        images: dict[str, dict] = {}
+        entries: dict[str, list[int]] = {}  # image id -> indices of its image entries
+        for i, raw in enumerate(data["images"]):
             if isinstance(raw, dict) and "id" in raw:
                 images[str(raw["id"])] = raw
+                entries.setdefault(str(raw["id"]), []).append(i)
         plan = Plan(items=[], categories=categories, source_files=[file])
+        records: dict[str, list[int]] = {}  # image id -> indices of its annotation records
+        for i, raw in enumerate(data["annotations"]):
+            if isinstance(raw, dict) and raw.get("image_id") is not None:  # no id: refused by validation below
+                records.setdefault(str(raw["image_id"]), []).append(i)
+        twice = self._quarantine_duplicates(plan, entries, records, file)
         for i, raw in enumerate(data["annotations"]):
             source_id = str(raw.get("image_id")) if isinstance(raw, dict) else f"annotations[{i}]"
+            if source_id in twice:
+                continue
             try:
                 ann = self.validate(_Annotation, raw, f"annotations.{i}", file)
                 if source_id not in images:
@@ -89,6 +101,28 @@ class CocoPanopticReader(Reader):
                        "segments": [s.model_dump() for s in ann.segments_info]}
             plan.items.append(self.item(source_id, [image_loc, png_loc], payload, self.spec.annotations))
         return plan
+
+    def _quarantine_duplicates(self, plan: Plan, entries: dict[str, list[int]], records: dict[str, list[int]],
+                               file: str) -> set[str]:
+        """Quarantine every image listed by several image entries, or by several annotation records:
+        which entry goes with which mask is unknown, so each of them is refused (one record per entry,
+        naming its field). -> the refused image ids."""
+        twice = set()
+        for source_id, where in entries.items():
+            if len(where) > 1:
+                twice.add(source_id)
+                for i in where:
+                    err = SampleError(f"image id {source_id} is used by {len(where)} image entries",
+                                      field=f"images.{i}.id", file=file)
+                    plan.quarantined.append(self.quarantine(source_id, err, file))
+        for source_id, where in records.items():
+            if len(where) > 1 and source_id not in twice:
+                twice.add(source_id)
+                for i in where:
+                    err = SampleError(f"image {source_id} has {len(where)} annotation records",
+                                      field=f"annotations.{i}.image_id", file=file)
+                    plan.quarantined.append(self.quarantine(source_id, err, file))
+        return twice
 
     def convert(self, item: WorkItem) -> tuple[bytes, Sample]:
         p = item.payload

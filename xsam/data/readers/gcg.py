@@ -32,9 +32,21 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from xsam.data.errors import SampleError, SourceError
-from xsam.data.readers._gcg_common import (GcgEvalSplit, GcgReaderBase, GcgSplit, bare, check_span, find_span,
-                                           normalise, phrase_entry, raw_id, safe, segment_entry)
+from xsam.data.readers._gcg_common import (
+    GcgEvalSplit,
+    GcgReaderBase,
+    GcgSplit,
+    bare,
+    check_span,
+    find_span,
+    normalise,
+    phrase_entry,
+    raw_id,
+    safe,
+    segment_entry,
+)
 from xsam.data.readers.base import Plan
+from xsam.data.readers.coco_common import ImageId
 from xsam.data.text import clean_text
 
 __all__ = ["GcgEvalReader", "GcgEvalSplit", "GcgFlickrReader", "GcgGrandfReader", "GcgRefcocogReader", "GcgSplit"]
@@ -46,7 +58,7 @@ class _Grounding(BaseModel):
 
 
 class _GrandfRecord(BaseModel):
-    image_id: int | str
+    image_id: ImageId
     file_name: str
     caption: str
     groundings: dict[str, _Grounding]
@@ -64,7 +76,7 @@ class _RefcocogRecord(BaseModel):
 
 
 class _FlickrImage(BaseModel):
-    id: int | str
+    id: ImageId
     file_name: str
     height: int = Field(gt=0)
     width: int = Field(gt=0)
@@ -73,14 +85,14 @@ class _FlickrImage(BaseModel):
 
 class _FlickrAnnotation(BaseModel):
     id: int
-    image_id: int | str
+    image_id: ImageId
     tokens_positive: list[tuple[int, int]] = Field(min_length=1)
     sam_mask: Any  # RLE, checked in convert()
     iscrowd: int = Field(default=0, ge=0, le=1)
 
 
 class _EvalImage(BaseModel):
-    id: int | str
+    id: ImageId
     file_name: str | None = None  # GLaMM's val / test files name the image "<id>.jpg"
     height: int | None = Field(default=None, gt=0)
     width: int | None = Field(default=None, gt=0)
@@ -88,13 +100,13 @@ class _EvalImage(BaseModel):
 
 class _EvalMask(BaseModel):
     id: int
-    image_id: int | str
+    image_id: ImageId
     segmentation: Any  # RLE or polygons, checked in convert()
     iscrowd: int = Field(default=0, ge=0, le=1)
 
 
 class _EvalCaption(BaseModel):
-    image_id: int | str
+    image_id: ImageId
     caption: str
 
 

@@ -29,6 +29,7 @@ from scipy import ndimage
 from xsam.data import masks
 from xsam.data.errors import SampleError, SourceError
 from xsam.data.readers.base import Plan, Reader, WorkItem
+from xsam.data.readers.coco_common import ImageId
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import PromptType, Sample, Segment, VisualPrompt
 from xsam.data.text import clean_text
@@ -61,7 +62,7 @@ def _prompt_key(kind: PromptType) -> str:
 
 
 class _ImageInfo(BaseModel):
-    id: int | str
+    id: ImageId
     file_name: str
     height: int = Field(gt=0)
     width: int = Field(gt=0)

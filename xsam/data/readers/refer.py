@@ -4,8 +4,9 @@
 Refs are `{ref_id, ann_id, image_id, split, sentences: [{sent, raw, tokens, sent_id}],
 category_id, file_name}`; gRefCOCO's `ann_id` is a LIST (zero, one or many targets, `[-1]` or `[]`
 with `no_target: true` for an expression that matches nothing). The refs file is a Python 2
-pickle or JSON: told apart by its content (a JSON document starts with `[` or `{`, a pickle never
-does), never by its name; pickles go through `safe_pickle` (no code runs).
+pickle or JSON: told apart by its content (a JSON document starts with `[` or `{`, after an optional
+UTF-8 byte-order mark; a pickle never does), never by its name; pickles go through `safe_pickle` (no
+code runs). An image id held by several entries of instances.json quarantines every entry.
 
 One sample per image: every instance annotation of the image (from instances.json, referred or
 not) becomes a segment whose id is the COCO annotation id, and every kept ref of the split becomes
@@ -15,6 +16,7 @@ expressions are dropped and counted; so are images left with no expression.
 
 from __future__ import annotations
 
+import codecs
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -22,7 +24,7 @@ from pydantic import BaseModel, Field
 from xsam.data import masks, safe_pickle
 from xsam.data.errors import SampleError, SourceError
 from xsam.data.readers.base import Plan, Reader, WorkItem
-from xsam.data.readers.coco_common import CocoAnnotation, CocoImage, parse_categories, require_lists
+from xsam.data.readers.coco_common import CocoAnnotation, CocoImage, ImageId, parse_categories, require_lists
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import ReferringExpression, Sample, Segment
 from xsam.data.text import clean_text, loads_json
@@ -42,7 +44,7 @@ class _Sentence(BaseModel):
 class _Ref(BaseModel):
     ref_id: int | str
     ann_id: int | list[int]
-    image_id: int | str
+    image_id: ImageId
     split: str
     sentences: list[_Sentence] = Field(min_length=1)
     no_target: bool = False
@@ -57,7 +59,12 @@ class _Instances:
         self.file = file
         self.categories = parse_categories(reader, data["categories"], file)
         self.category_ids = {c["id"] for c in self.categories}
-        self.images = {str(raw["id"]): raw for raw in data["images"] if isinstance(raw, dict) and "id" in raw}
+        self.images: dict[str, Any] = {}
+        self.entries: dict[str, list[int]] = {}  # image id -> indices of its image entries (> 1: refused)
+        for i, raw in enumerate(data["images"]):
+            if isinstance(raw, dict) and "id" in raw:
+                self.images[str(raw["id"])] = raw
+                self.entries.setdefault(str(raw["id"]), []).append(i)
         self.by_image: dict[str, list[tuple[int, Any]]] = {}
         for i, raw in enumerate(data["annotations"]):
             image_id = raw.get("image_id") if isinstance(raw, dict) else None
@@ -65,7 +72,9 @@ class _Instances:
 
 
 def _is_json(data: bytes) -> bool:
-    return data.lstrip()[:1] in (b"[", b"{")
+    """A JSON document starts with `[` or `{` after whitespace and an optional UTF-8 byte-order mark
+    (which some editors write); a pickle starts with an opcode (protocol 2+: 0x80) and never with these."""
+    return data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] in (b"[", b"{")
 
 
 class ReferReader(Reader):
@@ -127,6 +136,9 @@ class ReferReader(Reader):
             exprs[source_id].append((i, ref_id, sentences, targets))
         plan.excluded["no_target_expression"] = no_target
         for source_id, refs_of_image in exprs.items():
+            if len(inst.entries.get(source_id, [])) > 1:
+                self._quarantine_duplicate(plan, source_id, inst)
+                continue
             try:
                 if source_id in bad:
                     raise bad[source_id]
@@ -138,6 +150,15 @@ class ReferReader(Reader):
             except SampleError as e:
                 plan.quarantined.append(self.quarantine(source_id, e, refs_file))
         return plan
+
+    def _quarantine_duplicate(self, plan: Plan, source_id: str, inst: _Instances) -> None:
+        """An image id held by several entries of instances.json: which entry (file, size) the masks
+        belong to is unknown, so every entry is refused, one record each naming its field."""
+        where = inst.entries[source_id]
+        for i in where:
+            err = SampleError(f"image id {source_id} is used by {len(where)} image entries", field=f"images.{i}.id",
+                              file=inst.file)
+            plan.quarantined.append(self.quarantine(source_id, err, inst.file))
 
     def _item(self, source_id: str, refs_of_image: list, inst: _Instances) -> WorkItem:
         img = self.validate(CocoImage, inst.images[source_id], f"images[id={source_id}]", inst.file)

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from xsam.data import masks
 from xsam.data.errors import SampleError, SourceError
 from xsam.data.readers.base import Plan, Reader, WorkItem
-from xsam.data.readers.coco_common import parse_categories, require_lists
+from xsam.data.readers.coco_common import ImageId, parse_categories, require_lists
 from xsam.data.registry import SplitSpec
 from xsam.data.schema import PromptType, Sample, Segment, VisualPrompt
 from xsam.data.text import clean_text
@@ -72,7 +72,7 @@ class _Ann(BaseModel):
 class _Record(BaseModel):
     model_config = ConfigDict(extra="allow")  # image_info (its file name / size repeat the fields below)
     image_file: str
-    image_id: int | str
+    image_id: ImageId
     image_size: tuple[int, int]  # (height, width)
     annotations: list[_Ann]
 
