@@ -106,3 +106,23 @@ def test_a_good_request_still_predicts(export, capsys):
     predict_main(_predict(export, "--prompt", "a box"))
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["task"] == "referring" and out["labels"] == ["a box"]
+
+
+def test_workflow_and_evaluate_mistakes_are_one_line(capsys, tmp_path):
+    """xsam-run with an unknown profile; xsam-evaluate on a benchmark that was never converted; xsam-convert
+    on a registry folder that does not exist."""
+    from xsam.pipelines.convert import main as convert_main
+    from xsam.pipelines.evaluate import main as evaluate_main
+    from xsam.pipelines.full_run import main as full_run_main
+
+    assert full_run_main(["--profile", "no-such-profile", "--dry-run"]) == 2  # settings: a line per problem
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--profile: no profile 'no-such-profile'" in err, err
+    line = _answer(capsys, evaluate_main, ["--checkpoints", str(tmp_path / "ckpt"), "--shards", str(tmp_path),
+                                           "--benchmarks", "nothing/val",
+                                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert line.startswith("[evaluate] error: ") and "nothing/val" in line and "convert it first" in line
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["--registry", str(tmp_path / "no-registry"), "--validate-only"])
+    err = capsys.readouterr().err
+    assert exit_.value.code != 0 and "Traceback" not in err and str(tmp_path / "no-registry") in err, err

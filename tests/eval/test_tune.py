@@ -25,7 +25,8 @@ def test_two_trial_sweep(tmp_path):
         [sys.executable, "pipelines/tune.py", "--lr", "1e-4", "--balance-t", "0.05,0.5", "--benchmarks",
          "fixture_refcoco/val", "--max-steps", "2", "--tracking-uri", uri, "--storage", str(tmp_path / "tune"),
          f"shards={shards}", f"output={tmp_path / 'runs'}", f"weights={{tokenizer: {tmp_path / 'tok'}}}",
-         "init_from=[]", "datasets=[fixture_refcoco/train,fixture_llava_mix665k/train,fixture_coco_panoptic/train]"],
+         "init_from=[]",
+         "datasets=[fixture_refcoco/train,fixture_llava_mix665k/train,fixture_coco_panoptic/train]"],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "[tune] 2 trials; best score" in proc.stdout

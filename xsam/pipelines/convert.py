@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     # a standalone conversion keeps Ray Data's progress bars (its progress display); the rest as logs.setup
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     logs.setup(logs.verbosity_of(args))
-    code, _ = run(args)
+    with logs.cli_errors("convert", also=(FileNotFoundError,)):  # a missing registry / source folder
+        code, _ = run(args)
     return code
 
 

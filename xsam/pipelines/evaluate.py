@@ -106,9 +106,9 @@ def discover_benchmarks(shards: str, names: list[str] | None, seed: int):
         dataset, split = name.split("/", 1)
         m = split_manifest(shards, dataset, split)
         if m is None:
-            raise FileNotFoundError(f"benchmark {name}: no manifest under {shards} (convert it first)")
+            raise logs.UserError(f"benchmark {name}: no manifest under {shards} (convert it first)")
         if m.num_samples == 0 and (names or m.role == "eval"):
-            raise ValueError(f"benchmark {name}: the converted split has no sample (its manifest lists 0): "
+            raise logs.UserError(f"benchmark {name}: the converted split has no sample (its manifest lists 0): "
                              f"nothing to evaluate; drop it from --benchmarks or reconvert it")
         if names or m.role == "eval":
             if Task(m.task) is Task.chat:

@@ -204,7 +204,7 @@ def plan_datasets(args, cfgs: dict, registry: str, benchmarks: list[str] | None)
     return sorted(wanted)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     from xsam.train.config import SettingsError, load_benchmarks, load_sweep, profile_path, settings_help
 
@@ -384,6 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     if s1.mlflow_uri.startswith("sqlite:"):
         print(f"  open the UI: mlflow ui --backend-store-uri {s1.mlflow_uri}   (then http://127.0.0.1:5000)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The entry point: a user's mistake (a bad setting, an unknown profile or dataset, ...) is one line on
+    stderr and exit 2 (xsam.logs.cli_errors); anything else keeps its traceback."""
+    from xsam import logs
+
+    with logs.cli_errors("full_run"):
+        return _main(argv)
 
 
 if __name__ == "__main__":

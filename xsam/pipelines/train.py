@@ -251,7 +251,7 @@ def run(cfg: TrainConfig):
     return result
 
 
-class InitFromError(ValueError):
+class InitFromError(logs.UserError):
     """init_from names a stage with no recorded export in the workdir."""
 
 

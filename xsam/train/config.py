@@ -20,8 +20,17 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from xsam.train.settings import (FIELDS, RESULT_NEUTRAL, SIGLIP_PAD_SQUARE, STAGES, DatasetSplit, TrainConfig,
-                                 allowed_text, settings_help)
+from xsam.logs import UserError
+from xsam.train.settings import (
+    FIELDS,
+    RESULT_NEUTRAL,
+    SIGLIP_PAD_SQUARE,
+    STAGES,
+    DatasetSplit,
+    TrainConfig,
+    allowed_text,
+    settings_help,
+)
 
 __all__ = ["RESULT_NEUTRAL", "SIGLIP_PAD_SQUARE", "STAGES", "SettingsError", "TrainConfig", "load_benchmarks",
            "load_profile", "load_profiles", "load_sweep", "profile_path", "settings_help"]
@@ -29,7 +38,7 @@ __all__ = ["RESULT_NEUTRAL", "SIGLIP_PAD_SQUARE", "STAGES", "SettingsError", "Tr
 WORKFLOW_KEYS = ("benchmarks", "sweep")  # profile keys of the workflow (pipelines/full_run.py), not of a stage
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError):
     """Invalid settings: `problems` has one line per problem (where: key: value is not <allowed>)."""
 
     def __init__(self, problems: list[str]):
@@ -235,5 +244,5 @@ def profile_path(name_or_path: str) -> Path:
         return p
     candidate = Path(__file__).resolve().parents[1] / "profiles" / f"{name_or_path}.yaml"
     if not candidate.exists():
-        raise FileNotFoundError(f"no profile {name_or_path!r} (looked for {candidate})")
+        raise SettingsError([f"--profile: no profile {name_or_path!r} (neither a YAML file nor {candidate})"])
     return candidate
