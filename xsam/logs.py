@@ -141,6 +141,21 @@ def cli_errors(prog: str, verbosity: str | None = None, also: tuple[type[BaseExc
         raise SystemExit(USER_ERROR_EXIT) from None
 
 
+def entry_point(prog: str, also: tuple[type[BaseException], ...] = ()):
+    """Decorator for a console script's main(argv): its body runs inside cli_errors(prog, also=also)."""
+    import functools
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            with cli_errors(prog, also=also):
+                return main(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 class RedactFilter(logging.Filter):
     """Masks credentials in a record's final message (args merged in) before any handler formats it."""
 

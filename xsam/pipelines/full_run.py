@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from xsam import logs
 from xsam.pipelines.workflow import key as _key
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,8 @@ def plan_datasets(args, cfgs: dict, registry: str, benchmarks: list[str] | None)
     return sorted(wanted)
 
 
-def _main(argv: list[str] | None = None) -> int:
+@logs.entry_point("full_run")  # a user's mistake: one line on stderr, exit 2; a bug keeps its traceback
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     from xsam.train.config import SettingsError, load_benchmarks, load_sweep, profile_path, settings_help
 
@@ -225,8 +227,6 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan and predicted wall times, run nothing")
     p.add_argument("overrides", nargs="*", help="key=value settings for every stage, stages.<stage>.key=value "
                                                   "for one (listed below)")
-    from xsam import logs
-
     logs.add_arguments(p)
     args = p.parse_args(argv)
     verbosity = logs.verbosity_of(args)
@@ -384,15 +384,6 @@ def _main(argv: list[str] | None = None) -> int:
     if s1.mlflow_uri.startswith("sqlite:"):
         print(f"  open the UI: mlflow ui --backend-store-uri {s1.mlflow_uri}   (then http://127.0.0.1:5000)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The entry point: a user's mistake (a bad setting, an unknown profile or dataset, ...) is one line on
-    stderr and exit 2 (xsam.logs.cli_errors); anything else keeps its traceback."""
-    from xsam import logs
-
-    with logs.cli_errors("full_run"):
-        return _main(argv)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def _num_samples(shards: str, bench) -> int:
     return ShardIndex.read_manifests(shards, [(bench.dataset, bench.split)])[(bench.dataset, bench.split)].num_samples
 
 
-def _main(argv: list[str] | None = None) -> int:
+@logs.entry_point("tune")  # a user's mistake: one line on stderr, exit 2; a bug keeps its traceback
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     from xsam.train.config import SettingsError, load_profile, profile_path, settings_help
 
@@ -161,13 +162,6 @@ def _main(argv: list[str] | None = None) -> int:
     print(f"[tune] {len(results)} trials; best score {best.metrics['score']:.3f} with lr={best.config['lr']}, "
           f"balance_t={best.config['balance_t']}")
     return 0 if not results.errors else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The entry point: a user's mistake (a bad setting, an unknown profile or dataset, ...) is one line on
-    stderr and exit 2 (xsam.logs.cli_errors); anything else keeps its traceback."""
-    with logs.cli_errors("tune"):
-        return _main(argv)
 
 
 if __name__ == "__main__":
